@@ -1,0 +1,143 @@
+"""vLLM backend: the only module that imports `vllm`.
+
+Settings that matter (see ../shared/DESIGN.md):
+* `logprobs_mode="raw_logprobs"`: log-probs of the raw distribution at temperature 1, before
+  temperature / top-p / top-k processors;
+* `max_logprobs = k`;
+* `detokenize=False` + `flat_logprobs=True`: no per-candidate detokenisation and no per-token
+  dicts — we decode the completion once ourselves and reshape the flat arrays with numpy;
+  each position holds k + 1 entries: the sampled token first, then the top-k by rank;
+* prompts go in as token ids (we applied the chat template; no double BOS);
+* one seed per request, derived from the row id.
+On CPU: `gpu_memory_utilization` is a fraction of RAM (0.3 works), `enforce_eager=True` cuts
+start-up from minutes to under one, and `VLLM_ENABLE_V1_MULTIPROCESSING=0` runs the engine
+in-process (reproducible; no `__main__` guard needed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from kdgen.backends import Output, Request, SamplingConfig
+
+
+def on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return True
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        k: int = 20,
+        max_model_len: int = 4096,
+        gpu_memory_utilization: float | None = None,
+        enforce_eager: bool | None = None,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ):
+        cpu = on_cpu()
+        if cpu:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=dtype,
+            max_logprobs=max(k, 1),
+            logprobs_mode="raw_logprobs",
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization or (0.3 if cpu else 0.9),
+            enforce_eager=cpu if enforce_eager is None else enforce_eager,
+            seed=seed,
+            skip_tokenizer_init=False,
+        )
+        self.k = k
+
+    def close(self) -> None:
+        # Free the engine (in-process on CPU); the next LLM() in this process needs the memory.
+        import gc
+
+        del self.llm
+        gc.collect()
+
+    def _params(self, cfg: SamplingConfig, seed: int, **extra):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k if cfg.top_k > 0 else -1,
+            max_tokens=cfg.max_new_tokens,
+            seed=seed,
+            logprobs=cfg.k,
+            flat_logprobs=True,
+            detokenize=False,
+            **extra,
+        )
+
+    def generate(self, requests: list[Request], cfg: SamplingConfig) -> list[Output]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+        params = [self._params(cfg, r.seed) for r in requests]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        return [self._to_output(res.outputs[0], cfg.k) for res in results]
+
+    @staticmethod
+    def _to_output(comp, k: int) -> Output:
+        t = len(comp.token_ids)
+        flat = comp.logprobs
+        ids = np.asarray(flat.token_ids, dtype=np.int64).reshape(t, k + 1)
+        lps = np.asarray(flat.logprobs, dtype=np.float32).reshape(t, k + 1)
+        return Output(
+            completion_ids=list(comp.token_ids),
+            token_logprobs=lps[:, 0].copy(),
+            topk_ids=ids[:, 1:].copy(),
+            topk_logprobs=lps[:, 1:].copy(),
+            finish_reason="stop" if comp.finish_reason == "stop" else "length",
+        )
+
+    def score(self, requests: list[Request], k: int) -> list[Output]:
+        """Teacher-forced: prompt log-probs over prompt + completion, kept for the completion part."""
+        from vllm.inputs import TokensPrompt
+
+        cfg = SamplingConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=1, k=k)
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids + r.completion_ids) for r in requests]
+        params = [self._params(cfg, r.seed, prompt_logprobs=k) for r in requests]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        eos = self._eos()
+        out = []
+        for r, res in zip(requests, results):
+            p, t = len(r.prompt_ids), len(r.completion_ids)
+            flat = res.prompt_logprobs  # position 0 has no log-probs; then k+1 entries each
+            starts = np.asarray(flat.start_indices)
+            tok = np.asarray(flat.token_ids, dtype=np.int64)
+            lp = np.asarray(flat.logprobs, dtype=np.float32)
+            # prompt_logprobs[i] is the distribution that predicted token i; completion tokens are p..p+t-1
+            rows = starts[p : p + t]
+            sel = rows[:, None] + np.arange(k + 1)[None, :]
+            ids, lps = tok[sel], lp[sel]
+            finish = "stop" if r.completion_ids and r.completion_ids[-1] in eos else "length"
+            out.append(Output(list(r.completion_ids), lps[:, 0].copy(), ids[:, 1:].copy(), lps[:, 1:].copy(), finish))
+        return out
+
+    def _eos(self) -> set[int]:
+        cfg = self.llm.llm_engine.model_config.hf_config
+        gen = self.llm.llm_engine.model_config.try_get_generation_config() or {}
+        eos = gen.get("eos_token_id", getattr(cfg, "eos_token_id", None))
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}

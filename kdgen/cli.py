@@ -1,0 +1,203 @@
+"""`kdgen` command line: generate, score, ls, info, verify, merge.
+
+The typer app is the one registry of commands. Every command builds a config and calls a plain
+function; user errors (`KdError`) print one line and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from kdgen.errors import KdError
+from kdgen.generate import GenerateConfig
+
+app = typer.Typer(
+    name="kdgen",
+    help="Write teacher datasets: completions plus top-k log-probs, as sharded Parquet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+H = GenerateConfig.help
+
+
+def _build(**kw) -> GenerateConfig:
+    return GenerateConfig(**{k: v for k, v in kw.items() if v is not None or k in ("prompt_column", "limit", "gpu_memory_utilization")})
+
+
+@app.command()
+def generate(
+    prompts: str = typer.Option(..., help=H("prompts")),
+    out: str = typer.Option(GenerateConfig.out, help=H("out")),
+    teacher: str = typer.Option(GenerateConfig.teacher, help=H("teacher")),
+    prompt_column: Optional[str] = typer.Option(None, help=H("prompt_column")),
+    split: str = typer.Option(GenerateConfig.split, help=H("split")),
+    limit: Optional[int] = typer.Option(None, help=H("limit")),
+    backend: str = typer.Option(GenerateConfig.backend, help=H("backend")),
+    dtype: str = typer.Option(GenerateConfig.dtype, help=H("dtype")),
+    temperature: float = typer.Option(GenerateConfig.temperature, help=H("temperature")),
+    top_p: float = typer.Option(GenerateConfig.top_p, help=H("top_p")),
+    top_k: int = typer.Option(GenerateConfig.top_k, help=H("top_k")),
+    max_new_tokens: int = typer.Option(GenerateConfig.max_new_tokens, help=H("max_new_tokens")),
+    n: int = typer.Option(GenerateConfig.n, "--n", help=H("n")),
+    seed: int = typer.Option(GenerateConfig.seed, help=H("seed")),
+    k: int = typer.Option(GenerateConfig.k, "--k", help=H("k")),
+    chat_template: str = typer.Option(GenerateConfig.chat_template, help=H("chat_template")),
+    shard_prompts: int = typer.Option(GenerateConfig.shard_prompts, help=H("shard_prompts")),
+    batch_size: int = typer.Option(GenerateConfig.batch_size, help=H("batch_size")),
+    shard_index: int = typer.Option(GenerateConfig.shard_index, help=H("shard_index")),
+    num_shards: int = typer.Option(GenerateConfig.num_shards, help=H("num_shards")),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help=H("gpu_memory_utilization")),
+):
+    """Generate completions and top-k log-probs with the teacher; print the dataset URL."""
+    cfg = _build(**locals())
+    from kdgen.generate import run
+
+    print(run(cfg, "generate"))
+
+
+@app.command()
+def score(
+    prompts: str = typer.Option(..., help="File with prompts and completions to score (teacher-forced)."),
+    out: str = typer.Option(GenerateConfig.out, help=H("out")),
+    teacher: str = typer.Option(GenerateConfig.teacher, help=H("teacher")),
+    prompt_column: Optional[str] = typer.Option(None, help=H("prompt_column")),
+    completion_column: str = typer.Option(GenerateConfig.completion_column, help=H("completion_column")),
+    split: str = typer.Option(GenerateConfig.split, help=H("split")),
+    limit: Optional[int] = typer.Option(None, help=H("limit")),
+    backend: str = typer.Option(GenerateConfig.backend, help=H("backend")),
+    dtype: str = typer.Option(GenerateConfig.dtype, help=H("dtype")),
+    k: int = typer.Option(GenerateConfig.k, "--k", help=H("k")),
+    chat_template: str = typer.Option(GenerateConfig.chat_template, help=H("chat_template")),
+    append_eos: bool = typer.Option(GenerateConfig.append_eos, help=H("append_eos")),
+    shard_prompts: int = typer.Option(GenerateConfig.shard_prompts, help=H("shard_prompts")),
+    batch_size: int = typer.Option(GenerateConfig.batch_size, help=H("batch_size")),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help=H("gpu_memory_utilization")),
+):
+    """Teacher-forced top-k log-probs for given prompt + completion pairs (same row schema)."""
+    cfg = _build(**locals())
+    from kdgen.generate import run
+
+    print(run(cfg, "score"))
+
+
+@app.command("ls")
+def ls(root: str = typer.Argument(..., help="Directory or URL holding teacher datasets."), as_json: bool = typer.Option(False, "--json")):
+    """List the complete datasets under ROOT."""
+    from rich.table import Table
+
+    from kdgen.format import list_datasets
+    from kdgen.progress import console
+
+    found = list_datasets(root)
+    if as_json:
+        print(json.dumps([_brief(m) for m in found], indent=2))
+        return
+    if not found:
+        console.print(f"no teacher datasets under {root}")
+        return
+    table = Table("fingerprint", "teacher", "prompts", "rows", "tokens", "k", "size", "created")
+    for m in found:
+        b = _brief(m)
+        table.add_row(b["fingerprint"], b["teacher"], b["prompts"], f"{b['rows']:,}", f"{b['tokens']:,}", str(b["k"]), _size(b["bytes"]), b["created"])
+    from rich.console import Console
+
+    Console().print(table)
+
+
+def _brief(m: dict) -> dict:
+    return {
+        "fingerprint": m["fingerprint"],
+        "teacher": m["teacher"]["source"],
+        "prompts": m["prompts"]["source"],
+        "rows": m["totals"]["rows"],
+        "tokens": m["totals"]["tokens"],
+        "bytes": m["totals"]["bytes"],
+        "bytes_per_token": m["totals"]["bytes_per_token"],
+        "k": m["generation"]["k"],
+        "kind": m["generation"]["kind"],
+        "created": m.get("created", "?"),
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def info(dataset: str = typer.Argument(..., help="Dataset directory or URL (ROOT/<fingerprint>)."), as_json: bool = typer.Option(False, "--json")):
+    """Teacher, prompts, rows, tokens, bytes/token, k and fingerprint of a dataset."""
+    from kdgen.format import TeacherDataset
+
+    m = TeacherDataset(dataset).manifest
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    b, g = _brief(m), m["generation"]
+    lines = [
+        ("fingerprint", b["fingerprint"]),
+        ("teacher", f"{b['teacher']} ({m['teacher']['dtype']}, weights {m['teacher']['weights_hash'][:12]})"),
+        ("prompts", f"{b['prompts']} ({m['prompts']['count']:,} prompts)"),
+        ("rows", f"{b['rows']:,}"),
+        ("tokens", f"{b['tokens']:,}"),
+        ("bytes/token", f"{b['bytes_per_token']}  ({_size(b['bytes'])} in {len(m['shards'])} shard(s))"),
+        ("k", str(g["k"])),
+        ("generation", f"{g['kind']} via {g['backend']} ({g['engine_version']}), T={g['temperature']} top_p={g['top_p']} max_new={g['max_new_tokens']} n={g['n']} seed={g['seed']}"),
+        ("throughput", f"{m.get('tokens_per_s') or '-'} tokens/s, wall {m.get('wall_time_s')} s"),
+        ("created", b["created"]),
+    ]
+    width = max(len(a) for a, _ in lines)
+    for a, v in lines:
+        print(f"{a:<{width}}  {v}")
+
+
+@app.command()
+def verify(dataset: str = typer.Argument(..., help="Dataset directory or URL."), quick: bool = typer.Option(False, help="Checksums only; skip the row invariants.")):
+    """Check checksums and the format's invariants; exit 1 naming each problem."""
+    from kdgen.progress import console
+    from kdgen.verify import verify as run_verify
+
+    manifest, problems = run_verify(dataset, deep=not quick)
+    if problems:
+        for p in problems:
+            console.print(f"[red]FAIL[/] {p}")
+        raise typer.Exit(1)
+    console.print(f"[green]OK[/] {dataset}: {len(manifest['shards'])} shard(s), {manifest['totals']['rows']:,} rows, checksums and invariants hold")
+
+
+@app.command()
+def merge(
+    dataset: str = typer.Argument(..., help="OUT/<fingerprint> of a sliced run (--num-shards > 1)."),
+    sources: list[str] = typer.Argument(None, help="Other machines' copies of the same OUT/<fingerprint>, to copy shards from."),
+):
+    """Commit a dataset written by several machines: gather shards, check them, write the manifest."""
+    from kdgen.generate import _summary
+    from kdgen.generate import merge as run_merge
+    from kdgen.progress import console
+
+    m = run_merge(dataset, sources or [])
+    console.print(f"[green]merged:[/] {_summary(m)} -> {dataset}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app()
+    except KdError as e:
+        print(f"kdgen: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("kdgen: interrupted; complete shards are kept — run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+`KdError` carries one line that says what is wrong and how to fix it. The CLIs catch it,
+print the line (no traceback) and exit with status 2. Raise it for anything the user can fix:
+bad flags, bad files, a dataset that fails verification. Bugs stay ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class KdError(Exception):
+    """A problem the user can fix; `str(err)` is the whole message."""
+
+
+class ConfigError(KdError):
+    """Several problems with the given options, collected so the user sees them all at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+def collect(problems: list[str]) -> None:
+    """Raise one `ConfigError` naming every problem, if there are any."""
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,490 @@
+"""The teacher-dataset format (v1): schema, encoding, manifest, fingerprint, writer and reader.
+
+This is the one module that knows how a teacher dataset is laid out. `kdgen` writes through
+`ShardWriter`; `kdtrain` and `kdeval` read only through `TeacherDataset` (see ../shared/DESIGN.md).
+
+Layout at any fsspec URL::
+
+    <root>/<fingerprint>/
+      manifest.json                          # written last: present means complete
+      README.md                              # dataset card (HF YAML header)
+      data/train-00000-of-00012.parquet ...  # each written to a temp name, then renamed
+
+Physical encoding (chosen by `bench/storage.py`; see the README's storage table):
+
+* token ids (`prompt_ids`, `completion_ids`, `topk_ids`) are uint16 when the vocabulary has at most
+  65,536 rows, else uint32.
+* `topk_ids` is stored flat per row: T*k values, position-major (k is in the manifest and in the
+  Parquet schema metadata). The reader returns [T, k].
+* top-k log-probs are stored as `topk_logprob_deltas` (uint16, T*k flat): with
+  q_j = round(-logprob_j * scale), the column holds q_0, q_1 - q_0, ..., q_{k-1} - q_{k-2}.
+  Sorted log-probs make these small non-negative integers that compress well; the reader
+  rebuilds logprob_j = -cumsum(deltas)_j / scale, exact to 0.5/scale nats (scale = 1024 gives
+  4.9e-4). float16 cannot do this: its step is already 0.0039 nats at |logprob| in [4, 8).
+  A gap of more than 65535/scale nats (64) between neighbours is clipped — only for -inf-like values.
+* `token_logprobs` stays float32: it is one value per token and users read it directly.
+* Parquet: zstd, no dictionary on numeric lists (ids are high-entropy), BYTE_STREAM_SPLIT on
+  the integer lists (Parquet stores uint16 as INT32; splitting puts the zero high bytes in their
+  own stream, which zstd removes almost for free).
+
+Run `pytest tests/test_format.py` to exercise it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdgen.errors import KdError
+
+FORMAT_VERSION = 1
+LOGPROB_SCALE = 1024
+MAX_DELTA = np.iinfo(np.uint16).max
+MANIFEST = "manifest.json"
+CARD = "README.md"
+DATA_DIR = "data"
+SHARD_RE = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
+TMP_PREFIX = ".tmp-"
+
+# Everything that changes the rows goes into the fingerprint; nothing else does. This is the one
+# list (documented in the README): anything not named here — batch sizes, engine memory settings,
+# shard size, output paths, timestamps, kdgen version — never changes the key.
+FINGERPRINT_FIELDS = (
+    "format_version",
+    "teacher.weights_hash",
+    "teacher.dtype",
+    "tokenizer.tokenizer_hash",
+    "tokenizer.chat_template_hash",
+    "generation.backend",
+    "generation.temperature",
+    "generation.top_p",
+    "generation.top_k",
+    "generation.max_new_tokens",
+    "generation.n",
+    "generation.seed",
+    "generation.k",
+    "generation.logprob_mode",
+    "generation.kind",
+    "prompts.content_hash",
+)
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the same object always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def _dig(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def fingerprint(manifest_core: dict) -> str:
+    """Content key of a dataset: sha256 over `FINGERPRINT_FIELDS` of the manifest, first 16 hex."""
+    keyed = {name: _dig(manifest_core, name) for name in FINGERPRINT_FIELDS}
+    return sha256_hex(canonical_json(keyed))[:16]
+
+
+def id_type(vocab_rows: int) -> pa.DataType:
+    return pa.uint16() if vocab_rows <= 65536 else pa.uint32()
+
+
+def row_id(prompt_hash: str, sample_index: int) -> str:
+    """Stable row id: hash of the prompt's content and the sample index."""
+    return sha256_hex(f"{prompt_hash}:{sample_index}")[:24]
+
+
+def schema(vocab_rows: int, k: int) -> pa.Schema:
+    ids = id_type(vocab_rows)
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("messages", pa.list_(message)),
+        pa.field("prompt", pa.string()),
+        pa.field("prompt_ids", pa.list_(ids), nullable=False),
+        pa.field("completion", pa.string(), nullable=False),
+        pa.field("completion_ids", pa.list_(ids), nullable=False),
+        pa.field("token_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("topk_ids", pa.list_(ids), nullable=False),
+        pa.field("topk_logprob_deltas", pa.list_(pa.uint16()), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),
+    ]
+    meta = {
+        "kd.format_version": str(FORMAT_VERSION),
+        "kd.k": str(k),
+        "kd.logprob_scale": str(LOGPROB_SCALE),
+        "kd.layout": "topk_ids and topk_logprob_deltas are flat T*k per row, position-major; "
+        "logprob = -cumsum(deltas over k)/scale",
+    }
+    return pa.schema(fields, metadata=meta)
+
+
+# Parquet settings, spelled out: see the module docstring for why.
+_INT_LIST_COLUMNS = ["prompt_ids", "completion_ids", "topk_ids", "topk_logprob_deltas"]
+PARQUET_OPTIONS = dict(
+    compression="zstd",
+    compression_level=3,
+    use_dictionary=["id", "finish_reason"],
+    column_encoding={c: "BYTE_STREAM_SPLIT" for c in _INT_LIST_COLUMNS},
+    write_statistics=["id"],
+    data_page_size=1 << 20,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding of the top-k log-probs
+
+
+def encode_topk_logprobs(logprobs: np.ndarray, scale: int = LOGPROB_SCALE) -> np.ndarray:
+    """Quantise and delta-code sorted log-probs.
+
+    logprobs: [T, k] float, each row sorted descending, <= 0.
+    returns:  [T, k] uint16 deltas (see module docstring).
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    lp = np.where(np.isfinite(lp), lp, -1e9)
+    q = np.rint(np.minimum(-lp, 1e9) * scale).astype(np.int64)
+    q = np.maximum(q, 0)
+    q = np.maximum.accumulate(q, axis=-1)  # sorted input already; guards float ties
+    deltas = np.diff(q, axis=-1, prepend=0)
+    return np.minimum(deltas, MAX_DELTA).astype(np.uint16)
+
+
+def decode_topk_logprobs(deltas: np.ndarray, scale: int = LOGPROB_SCALE) -> np.ndarray:
+    """Inverse of `encode_topk_logprobs`. deltas: [T, k] uint16 -> [T, k] float32 log-probs."""
+    q = np.cumsum(deltas, axis=-1, dtype=np.int64)
+    return (q.astype(np.float64) * (-1.0 / scale)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclass
+class Row:
+    """One prompt x sample, as a backend produces it (before encoding)."""
+
+    id: str
+    messages: list[dict] | None
+    prompt: str | None
+    prompt_ids: list[int]
+    completion: str
+    completion_ids: list[int]
+    token_logprobs: np.ndarray  # [T] float32
+    topk_ids: np.ndarray  # [T, k] int
+    topk_logprobs: np.ndarray  # [T, k] float32, sorted descending
+    finish_reason: str
+
+
+def rows_to_table(rows: list[Row], vocab_rows: int, k: int) -> pa.Table:
+    """Encode rows into an Arrow table with the v1 schema (vectorised over the batch)."""
+    sch = schema(vocab_rows, k)
+    ids_np = np.uint16 if id_type(vocab_rows) == pa.uint16() else np.uint32
+
+    def lists(arrays: list[np.ndarray], dtype, arrow_type) -> pa.ListArray:
+        lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = (
+            np.concatenate([np.asarray(a).reshape(-1) for a in arrays]).astype(dtype, copy=False)
+            if arrays
+            else np.zeros(0, dtype)
+        )
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=arrow_type))
+
+    for r in rows:
+        t = len(r.completion_ids)
+        if r.topk_ids.shape != (t, k) or r.topk_logprobs.shape != (t, k) or len(r.token_logprobs) != t:
+            raise ValueError(f"row {r.id}: per-token arrays disagree with T={t}, k={k}")
+    columns = {
+        "id": pa.array([r.id for r in rows], pa.string()),
+        "messages": pa.array([r.messages for r in rows], sch.field("messages").type),
+        "prompt": pa.array([r.prompt for r in rows], pa.string()),
+        "prompt_ids": lists([np.asarray(r.prompt_ids) for r in rows], ids_np, sch.field("prompt_ids").type.value_type),
+        "completion": pa.array([r.completion for r in rows], pa.string()),
+        "completion_ids": lists(
+            [np.asarray(r.completion_ids) for r in rows], ids_np, sch.field("completion_ids").type.value_type
+        ),
+        "token_logprobs": lists([np.asarray(r.token_logprobs) for r in rows], np.float32, pa.float32()),
+        "topk_ids": lists([r.topk_ids for r in rows], ids_np, sch.field("topk_ids").type.value_type),
+        "topk_logprob_deltas": lists(
+            [encode_topk_logprobs(r.topk_logprobs) for r in rows], np.uint16, pa.uint16()
+        ),
+        "finish_reason": pa.array([r.finish_reason for r in rows], pa.string()),
+    }
+    return pa.Table.from_pydict(columns, schema=sch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths and filesystems
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec filesystem and path for a local path or URL (s3://, gs://, hf://, memory://)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/") or "/"
+
+
+def join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"train-{index:05d}-of-{total:05d}.parquet"
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write to a temp name beside `path`, then rename: readers never see half a file."""
+    tmp = join(posixpath.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def write_shard(fs: fsspec.AbstractFileSystem, dataset_dir: str, name: str, table: pa.Table) -> dict:
+    """Write one shard atomically; returns its manifest entry (path, rows, tokens, bytes, sha256)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **PARQUET_OPTIONS)
+    data = sink.getvalue().to_pybytes()
+    fs.makedirs(join(dataset_dir, DATA_DIR), exist_ok=True)
+    write_bytes_atomic(fs, join(dataset_dir, DATA_DIR, name), data)
+    tokens = int(pa.compute.sum(pa.compute.list_value_length(table["completion_ids"])).as_py() or 0)
+    return {
+        "path": f"{DATA_DIR}/{name}",
+        "rows": table.num_rows,
+        "tokens": tokens,
+        "bytes": len(data),
+        "sha256": sha256_hex(data),
+    }
+
+
+def shard_entry_from_file(fs: fsspec.AbstractFileSystem, dataset_dir: str, rel: str) -> dict:
+    """Manifest entry of a shard already on disk (used on resume and merge)."""
+    with fs.open(join(dataset_dir, rel), "rb") as f:
+        data = f.read()
+    table = pq.read_table(pa.BufferReader(data), columns=["completion_ids"])
+    tokens = int(pa.compute.sum(pa.compute.list_value_length(table["completion_ids"])).as_py() or 0)
+    return {"path": rel, "rows": table.num_rows, "tokens": tokens, "bytes": len(data), "sha256": sha256_hex(data)}
+
+
+def list_shards(fs: fsspec.AbstractFileSystem, dataset_dir: str) -> list[str]:
+    """Names of complete shard files (temp files excluded), sorted."""
+    d = join(dataset_dir, DATA_DIR)
+    if not fs.exists(d):
+        return []
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(d, detail=False)]
+    return sorted(n for n in names if SHARD_RE.match(n))
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, dataset_dir: str) -> dict | None:
+    path = join(dataset_dir, MANIFEST)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KdError(f"{path}: manifest is not valid JSON ({e}); the dataset is damaged — regenerate it") from None
+
+
+def write_manifest(fs: fsspec.AbstractFileSystem, dataset_dir: str, manifest: dict) -> None:
+    data = json.dumps(manifest, indent=2, sort_keys=False, ensure_ascii=False).encode("utf-8")
+    write_bytes_atomic(fs, join(dataset_dir, MANIFEST), data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reader
+
+
+@dataclass
+class Batch:
+    """A decoded batch of rows. Per-token arrays are concatenated over rows; `offsets` cuts them.
+
+    offsets:        [rows + 1] int64, row i owns tokens offsets[i]:offsets[i+1]
+    completion_ids: [sum T] int64
+    token_logprobs: [sum T] float32
+    topk_ids:       [sum T, k] int64
+    topk_logprobs:  [sum T, k] float32 (sorted descending, normalised over the full vocabulary)
+    prompt_ids:     list of [P_i] int64 arrays
+    """
+
+    ids: list[str]
+    offsets: np.ndarray
+    completion_ids: np.ndarray
+    token_logprobs: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    prompt_ids: list[np.ndarray]
+    completions: list[str] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+    def tail_mass(self) -> np.ndarray:
+        """[sum T] probability mass outside the top-k: 1 - sum(exp(topk_logprobs))."""
+        return np.clip(1.0 - np.exp(self.topk_logprobs.astype(np.float64)).sum(-1), 0.0, 1.0)
+
+    def row(self, i: int) -> dict:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return {
+            "id": self.ids[i],
+            "prompt_ids": self.prompt_ids[i],
+            "completion_ids": self.completion_ids[a:b],
+            "token_logprobs": self.token_logprobs[a:b],
+            "topk_ids": self.topk_ids[a:b],
+            "topk_logprobs": self.topk_logprobs[a:b],
+            "completion": self.completions[i] if self.completions else None,
+            "finish_reason": self.finish_reasons[i] if self.finish_reasons else None,
+        }
+
+
+def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Values and offsets of a list column (one chunk), without copying per row."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False)
+    base = offsets[0]
+    return values[base : offsets[-1]], offsets - base
+
+
+def decode_table(table: pa.Table, k: int, scale: int = LOGPROB_SCALE, text: bool = True) -> Batch:
+    """Arrow table in the v1 schema -> `Batch` (vectorised: no Python loop over tokens)."""
+    cids, offsets = _flat(table["completion_ids"])
+    tlp, _ = _flat(table["token_logprobs"])
+    tk, _ = _flat(table["topk_ids"])
+    dl, _ = _flat(table["topk_logprob_deltas"])
+    pids, poff = _flat(table["prompt_ids"])
+    prompt_ids = np.split(pids.astype(np.int64), poff[1:-1]) if table.num_rows else []
+    return Batch(
+        ids=table["id"].to_pylist(),
+        offsets=offsets,
+        completion_ids=cids.astype(np.int64),
+        token_logprobs=tlp.astype(np.float32, copy=False),
+        topk_ids=tk.astype(np.int64).reshape(-1, k),
+        topk_logprobs=decode_topk_logprobs(dl.reshape(-1, k), scale),
+        prompt_ids=prompt_ids,
+        completions=table["completion"].to_pylist() if text else [],
+        finish_reasons=table["finish_reason"].to_pylist() if text else [],
+    )
+
+
+class TeacherDataset:
+    """A complete teacher dataset at a local path or fsspec URL.
+
+    `url` may be the dataset directory itself (holding manifest.json) or a root holding exactly
+    one dataset. Only complete datasets open: the manifest is the commit.
+    """
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, path = open_fs(self.url)
+        manifest = read_manifest(self.fs, path)
+        if manifest is None:
+            found = [p for p in _dataset_dirs(self.fs, path)]
+            if len(found) == 1:
+                path = found[0]
+                self.url = self.url + "/" + posixpath.basename(path)
+                manifest = read_manifest(self.fs, path)
+            elif len(found) > 1:
+                names = ", ".join(posixpath.basename(p) for p in found[:5])
+                raise KdError(f"{url} holds {len(found)} datasets ({names}); pass one of them: {url}/<fingerprint>")
+            elif self.fs.exists(join(path, DATA_DIR)):
+                raise KdError(
+                    f"{url} has shards but no manifest.json: the generation did not finish. "
+                    f"Re-run the same `kdgen generate` command to resume it"
+                )
+            else:
+                raise KdError(f"{url}: no teacher dataset here (no manifest.json). List datasets with `kdgen ls ROOT`")
+        self.path = path
+        self.manifest = manifest
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise KdError(
+                f"{url}: format version {manifest.get('format_version')!r} is not supported by this kdgen "
+                f"(reads v{FORMAT_VERSION}); upgrade kd"
+            )
+        self.k: int = manifest["generation"]["k"]
+        self.scale: int = manifest.get("encoding", {}).get("logprob_scale", LOGPROB_SCALE)
+        self.fingerprint: str = manifest["fingerprint"]
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest["totals"]["rows"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest["totals"]["tokens"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    def shard_paths(self) -> list[str]:
+        return [join(self.path, s["path"]) for s in self.shards]
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        """All shards as one Arrow table (encoded columns)."""
+        tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in self.shard_paths()]
+        return pa.concat_tables(tables) if tables else schema(self.vocab_size, self.k).empty_table()
+
+    def iter_batches(self, batch_rows: int = 256, text: bool = True) -> Iterator[Batch]:
+        """Decoded batches in shard order."""
+        cols = None if text else [c for c in schema(2, 1).names if c not in ("messages", "prompt", "completion", "finish_reason")]
+        for p in self.shard_paths():
+            with self.fs.open(p, "rb") as f:
+                pf = pq.ParquetFile(f)
+                for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                    yield decode_table(pa.Table.from_batches([rb]), self.k, self.scale, text=text)
+
+    def to_hf(self):
+        """The shards as a `datasets.Dataset` (encoded columns, as `load_dataset('parquet')` gives)."""
+        import datasets
+
+        return datasets.Dataset(self.read_table())
+
+
+def _dataset_dirs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Complete dataset directories directly under `root`."""
+    if not fs.exists(root) or not fs.isdir(root):
+        return []
+    out = []
+    for p in sorted(fs.ls(root, detail=False)):
+        p = p.rstrip("/")
+        if fs.isdir(p) and fs.exists(join(p, MANIFEST)):
+            out.append(p)
+    return out
+
+
+def list_datasets(url: str) -> list[dict]:
+    """Manifests of every complete dataset directly under `url`."""
+    fs, root = open_fs(url)
+    return [read_manifest(fs, p) for p in _dataset_dirs(fs, root)]
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,454 @@
+"""`kdgen generate` / `kdgen score`: prompts in, a complete teacher dataset out.
+
+    run(cfg): validate -> resolve teacher (config + tokenizer only) -> read + encode prompts
+              -> fingerprint -> cache hit? return -> plan shards -> skip complete shards (resume)
+              -> start engine -> generate shard by shard (atomic writes) -> card -> manifest (last)
+
+Shards are fixed blocks of prompts (all n samples of a prompt live in one shard), planned once and
+recorded in `.kdgen-plan.json`, so a resumed or sliced run writes exactly the shards an
+uninterrupted one would. `--shard-index i --num-shards m` makes this process write shards
+j with j % m == i; whoever completes the last shard writes the manifest, or run `kdgen merge`.
+
+Test: `pytest tests/test_generate.py` (hf backend, tiny model) and `-m slow` (vLLM, real teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import pyarrow as pa
+
+import kdgen
+from kdgen import format as fmt
+from kdgen.backends import Request, SamplingConfig, default_backend, engine_version, make_backend, request_seed, vllm_available
+from kdgen.errors import KdError, collect
+from kdgen.progress import RowProgress, console, status
+from kdgen.prompts import Prompt, encode_prompt, load_prompts
+from kdgen.teacher import Teacher, load_teacher
+
+PLAN = ".kdgen-plan.json"
+
+
+def _f(default, help: str, **kw):
+    """A config field with its one docstring (the CLI help is read from here)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class GenerateConfig:
+    prompts: str = _f("", "Prompt file (.jsonl, .parquet, .csv) or HF dataset directory.")
+    out: str = _f("teacher-datasets", "Root directory or URL (s3://, gs://, hf://, memory://); the dataset goes to OUT/<fingerprint>.")
+    teacher: str = _f("smollm2-135m-instruct", "Teacher: built-in name, .gguf file, HF checkpoint directory or hub id.")
+    prompt_column: str | None = _f(None, "Column holding the prompt (chat messages or text). Default: messages, prompt, text, instruction, question or input.")
+    completion_column: str = _f("completion", "Column holding the completion to score (`kdgen score` only).")
+    split: str = _f("train", "Split to read from an HF dataset directory.")
+    limit: int | None = _f(None, "Use only the first N prompts (after dropping duplicates).")
+    backend: str = _f("auto", "Generation backend: vllm, hf, or auto (vllm where importable).")
+    dtype: str = _f("auto", "Teacher dtype: float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on GPU).")
+    temperature: float = _f(0.7, "Sampling temperature for the completions (0 = greedy). Stored log-probs are always at temperature 1.")
+    top_p: float = _f(0.95, "Nucleus sampling for the completions (1 = off).")
+    top_k: int = _f(0, "Top-k sampling filter for the completions (0 = off); not the stored k.")
+    max_new_tokens: int = _f(256, "Maximum completion length in tokens.")
+    n: int = _f(1, "Samples per prompt.")
+    seed: int = _f(0, "Base seed; each row's seed is derived from it and the row id.")
+    k: int = _f(20, "How many top log-probs to store per completion token (1..vocab).")
+    chat_template: str = _f("auto", "auto: chat messages get the teacher's chat template, text is used raw; always: wrap text prompts as a user message.")
+    shard_prompts: int = _f(128, "Prompts per shard (resume granularity). Not part of the fingerprint.")
+    batch_size: int = _f(64, "Requests handed to the engine at once (progress updates per batch).")
+    shard_index: int = _f(0, "This machine's slice of the prompt set (0-based); see --num-shards.")
+    num_shards: int = _f(1, "Split the work over this many machines; each runs with its own --shard-index.")
+    gpu_memory_utilization: float | None = _f(None, "vLLM memory fraction (of RAM on CPU). Default 0.3 on CPU, 0.9 on GPU.")
+    append_eos: bool = _f(True, "`kdgen score`: end each given completion with the EOS token.")
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+# The generation settings that go into the fingerprint (the rest of the config does not).
+def generation_info(cfg: GenerateConfig, backend: str, kind: str) -> dict:
+    greedy = cfg.temperature == 0 or kind == "score"
+    return {
+        "kind": kind,
+        "backend": backend,
+        "engine_version": engine_version(backend),
+        "temperature": 0.0 if kind == "score" else cfg.temperature,
+        # sampling filters do nothing under greedy decoding: normalise them so they don't split the cache
+        "top_p": 1.0 if greedy else cfg.top_p,
+        "top_k": 0 if greedy else cfg.top_k,
+        "max_new_tokens": 0 if kind == "score" else cfg.max_new_tokens,
+        "n": 1 if kind == "score" else cfg.n,
+        "seed": 0 if greedy else cfg.seed,
+        "k": cfg.k,
+        "logprob_mode": "raw_logprobs_temperature_1",
+    }
+
+
+def validate(cfg: GenerateConfig, kind: str) -> None:
+    problems = []
+    if not cfg.prompts:
+        problems.append("--prompts is required: a .jsonl, .parquet, .csv file or an HF dataset directory")
+    if cfg.backend not in ("auto", "vllm", "hf"):
+        problems.append(f"--backend {cfg.backend}: choose vllm, hf or auto")
+    if cfg.backend == "vllm" and not vllm_available():
+        problems.append("--backend vllm: vLLM is not installed here; install '.[cpu]' or '.[gpu]', or use --backend hf")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"--dtype {cfg.dtype}: choose float32, bfloat16, float16 or auto")
+    if cfg.temperature < 0:
+        problems.append(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < cfg.top_p <= 1:
+        problems.append(f"--top-p {cfg.top_p}: must be in (0, 1]")
+    if cfg.top_k < 0:
+        problems.append(f"--top-k {cfg.top_k}: must be >= 0 (0 = off)")
+    if cfg.max_new_tokens < 1 and kind == "generate":
+        problems.append(f"--max-new-tokens {cfg.max_new_tokens}: must be >= 1")
+    if cfg.n < 1:
+        problems.append(f"--n {cfg.n}: must be >= 1")
+    if cfg.k < 1:
+        problems.append(f"--k {cfg.k}: top-k must be between 1 and the teacher vocab")
+    if cfg.chat_template not in ("auto", "always"):
+        problems.append(f"--chat-template {cfg.chat_template}: choose auto or always")
+    if cfg.shard_prompts < 1 or cfg.batch_size < 1:
+        problems.append("--shard-prompts and --batch-size must be >= 1")
+    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
+        problems.append(f"--shard-index {cfg.shard_index} --num-shards {cfg.num_shards}: need 0 <= index < num-shards")
+    if cfg.limit is not None and cfg.limit < 1:
+        problems.append(f"--limit {cfg.limit}: must be >= 1")
+    collect(problems)
+
+
+@dataclass
+class Job:
+    """Everything decided before any row is generated."""
+
+    cfg: GenerateConfig
+    kind: str
+    teacher: Teacher
+    prompts: list[Prompt]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]] | None
+    manifest_core: dict
+    fingerprint: str
+    fs: object
+    root: str
+    dataset_dir: str
+
+
+def prepare(cfg: GenerateConfig, kind: str = "generate") -> Job:
+    validate(cfg, kind)
+    teacher = load_teacher(cfg.teacher, cfg.dtype)
+    vocab = teacher.embedding_rows
+    if cfg.k > vocab:
+        raise KdError(f"--k {cfg.k}: top-k must be between 1 and the teacher vocab ({vocab})")
+    prompts, prompt_info = load_prompts(
+        cfg.prompts, cfg.prompt_column, cfg.split, cfg.completion_column if kind == "score" else None, cfg.limit
+    )
+    if prompt_info["duplicates_dropped"]:
+        console.print(f"[yellow]note:[/] {prompt_info['duplicates_dropped']} duplicate prompt(s) dropped (identical content)")
+    if cfg.chat_template == "always":
+        for p in prompts:
+            if p.text is not None:
+                p.messages, p.text = [{"role": "user", "content": p.text}], None
+        prompt_info["content_hash"] = fmt.sha256_hex("\n".join(p.content_hash for p in prompts))
+    tok = teacher.tokenizer
+    prompt_ids = []
+    for p in prompts:
+        ids = encode_prompt(p, tok)
+        budget = len(ids) + (cfg.max_new_tokens if kind == "generate" else 0)
+        if budget > teacher.context:
+            raise KdError(
+                f"prompt {p.index + 1} has {len(ids)} tokens; with --max-new-tokens {cfg.max_new_tokens} it exceeds "
+                f"the teacher's context of {teacher.context} tokens: shorten it or lower --max-new-tokens"
+            )
+        prompt_ids.append(ids)
+    completion_ids = None
+    if kind == "score":
+        completion_ids = []
+        eos = tok.eos_token_id
+        for p, pids in zip(prompts, prompt_ids):
+            ids = tok(p.completion, add_special_tokens=False)["input_ids"]
+            if cfg.append_eos and eos is not None:
+                ids = ids + [eos]
+            if len(pids) + len(ids) > teacher.context:
+                raise KdError(f"row {p.index + 1}: prompt + completion ({len(pids) + len(ids)} tokens) exceed the teacher's context ({teacher.context})")
+            completion_ids.append(ids)
+    if any(max(ids, default=0) >= vocab for ids in prompt_ids):
+        raise KdError("the tokenizer produced ids beyond the model's embedding rows; tokenizer and weights do not match")
+    backend = default_backend() if cfg.backend == "auto" else cfg.backend
+    core = {
+        "format_version": fmt.FORMAT_VERSION,
+        "teacher": teacher.teacher_info(),
+        "tokenizer": teacher.tokenizer_info(),
+        "generation": generation_info(cfg, backend, kind),
+        "prompts": prompt_info,
+    }
+    fp = fmt.fingerprint(core)
+    fs, root = fmt.open_fs(cfg.out)
+    return Job(cfg, kind, teacher, prompts, prompt_ids, completion_ids, core, fp, fs, root, fmt.join(root, fp))
+
+
+def _check_output(job: Job) -> None:
+    """The output root must not be a different dataset, and must be writable."""
+    fs, root = job.fs, job.root
+    existing = fmt.read_manifest(fs, root) if fs.exists(root) else None
+    if existing is not None:
+        raise KdError(
+            f"--out {job.cfg.out} is itself a dataset (fingerprint {existing.get('fingerprint')}); --out takes the "
+            f"root that holds datasets: use its parent directory"
+        )
+    probe = fmt.join(root, f".kdgen-write-test-{job.fingerprint}")
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except (OSError, PermissionError) as e:
+        raise KdError(f"--out {job.cfg.out}: cannot write there ({e.__class__.__name__}: {e}); choose a writable location") from None
+    plan = _read_plan(job)
+    if plan is not None and plan.get("fingerprint") != job.fingerprint:
+        raise KdError(f"{job.dataset_dir} holds a different dataset (fingerprint {plan.get('fingerprint')}); remove it or choose another --out")
+
+
+def _read_plan(job: Job) -> dict | None:
+    path = fmt.join(job.dataset_dir, PLAN)
+    if not job.fs.exists(path):
+        return None
+    with job.fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def _plan(job: Job) -> dict:
+    plan = _read_plan(job)
+    if plan is not None:
+        if plan["shard_prompts"] != job.cfg.shard_prompts:
+            console.print(
+                f"[yellow]note:[/] resuming with the existing plan of {plan['shard_prompts']} prompts per shard "
+                f"(--shard-prompts {job.cfg.shard_prompts} ignored)"
+            )
+        return plan
+    num = max(1, math.ceil(len(job.prompts) / job.cfg.shard_prompts))
+    plan = {
+        "fingerprint": job.fingerprint,
+        "shard_prompts": job.cfg.shard_prompts,
+        "num_shards": num,
+        "core": job.manifest_core,  # what `kdgen merge` needs to write the manifest
+        "config": asdict(job.cfg),
+    }
+    job.fs.makedirs(job.dataset_dir, exist_ok=True)
+    fmt.write_bytes_atomic(job.fs, fmt.join(job.dataset_dir, PLAN), json.dumps(plan).encode())
+    return plan
+
+
+def _shard_is_complete(job: Job, name: str, expected_rows: int) -> bool:
+    """A renamed shard is complete by construction; still check its footer and row count."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(fmt.join(job.dataset_dir, fmt.DATA_DIR, name), filesystem=job.fs)
+        return meta.num_rows == expected_rows
+    except Exception:
+        return False
+
+
+def _requests_for(job: Job, prompt_indices: range) -> tuple[list[Request], list[tuple[Prompt, list[int]]]]:
+    reqs, meta = [], []
+    n = job.manifest_core["generation"]["n"]
+    for i in prompt_indices:
+        p = job.prompts[i]
+        for s in range(n):
+            rid = fmt.row_id(p.content_hash, s)
+            comp = job.completion_ids[i] if job.completion_ids is not None else None
+            reqs.append(Request(rid, job.prompt_ids[i], request_seed(job.cfg.seed, rid), comp))
+            meta.append((p, job.prompt_ids[i]))
+    return reqs, meta
+
+
+def run(cfg: GenerateConfig, kind: str = "generate") -> str:
+    """Generate (or score) the dataset; returns its URL. Idempotent: a complete dataset returns at once."""
+    t0 = time.perf_counter()
+    with status(f"resolving teacher {cfg.teacher} and reading prompts"):
+        job = prepare(cfg, kind)
+    url = cfg.out.rstrip("/") + "/" + job.fingerprint
+    existing = fmt.read_manifest(job.fs, job.dataset_dir)
+    if existing is not None:
+        console.print(f"[green]cache hit:[/] {url} already holds this dataset ({_summary(existing)})")
+        return url
+    _check_output(job)
+    plan = _plan(job)
+    per = plan["shard_prompts"]
+    num = plan["num_shards"]
+    n = job.manifest_core["generation"]["n"]
+    mine = [i for i in range(num) if i % cfg.num_shards == cfg.shard_index]
+    todo, done_rows = [], 0
+    for i in mine:
+        block = range(i * per, min((i + 1) * per, len(job.prompts)))
+        name = fmt.shard_name(i, num)
+        if _shard_is_complete(job, name, len(block) * n):
+            done_rows += len(block) * n
+        else:
+            todo.append((i, block, name))
+    total_rows = sum(len(range(i * per, min((i + 1) * per, len(job.prompts)))) * n for i in mine)
+    if done_rows:
+        console.print(f"resuming: {done_rows} of {total_rows} rows already in complete shards")
+
+    gen_wall, gen_tokens = 0.0, 0
+    if todo:
+        vocab = job.teacher.embedding_rows
+        longest = max(len(p) for p in job.prompt_ids) + (
+            cfg.max_new_tokens if kind == "generate" else max(len(c) for c in job.completion_ids)
+        )
+        backend_name = job.manifest_core["generation"]["backend"]
+        options = {"batch_size": min(cfg.batch_size, 16)} if backend_name == "hf" else {
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "seed": cfg.seed,
+        }
+        with status(f"starting the {backend_name} engine on {job.teacher.model.path}"):
+            backend = make_backend(
+                backend_name, job.teacher.model.path, job.teacher.dtype, cfg.k, min(job.teacher.context, longest + 8), options
+            )
+        sampling = SamplingConfig(
+            temperature=job.manifest_core["generation"]["temperature"],
+            top_p=job.manifest_core["generation"]["top_p"],
+            top_k=job.manifest_core["generation"]["top_k"],
+            max_new_tokens=max(cfg.max_new_tokens, 1),
+            k=cfg.k,
+        )
+        tok = job.teacher.tokenizer
+        try:
+            with RowProgress(total_rows, "scoring" if kind == "score" else "generating", done_rows) as bar:
+                for i, block, name in todo:
+                    reqs, meta = _requests_for(job, block)
+                    rows = []
+                    for b in range(0, len(reqs), cfg.batch_size):
+                        chunk = reqs[b : b + cfg.batch_size]
+                        tb = time.perf_counter()
+                        outs = backend.score(chunk, cfg.k) if kind == "score" else backend.generate(chunk, sampling)
+                        gen_wall += time.perf_counter() - tb
+                        for r, o, (p, pids) in zip(chunk, outs, meta[b : b + cfg.batch_size]):
+                            rows.append(
+                                fmt.Row(
+                                    id=r.row_id,
+                                    messages=p.messages,
+                                    prompt=p.text,
+                                    prompt_ids=pids,
+                                    completion=tok.decode(o.completion_ids, skip_special_tokens=True),
+                                    completion_ids=o.completion_ids,
+                                    token_logprobs=o.token_logprobs,
+                                    topk_ids=o.topk_ids,
+                                    topk_logprobs=o.topk_logprobs,
+                                    finish_reason=o.finish_reason,
+                                )
+                            )
+                        toks = sum(len(o.completion_ids) for o in outs)
+                        gen_tokens += toks
+                        bar.advance(len(chunk), toks)
+                    fmt.write_shard(job.fs, job.dataset_dir, name, fmt.rows_to_table(rows, vocab, cfg.k))
+        finally:
+            backend.close()
+
+    present = set(fmt.list_shards(job.fs, job.dataset_dir))
+    missing = [fmt.shard_name(i, num) for i in range(num) if fmt.shard_name(i, num) not in present]
+    if missing:
+        console.print(
+            f"slice {cfg.shard_index} of {cfg.num_shards} done; {len(missing)} shard(s) still missing (other slices). "
+            f"When every slice has finished, run `kdgen merge {url}`"
+        )
+        return url
+    manifest = finalize(job.fs, job.dataset_dir, job.manifest_core, cfg, time.perf_counter() - t0, gen_wall, gen_tokens)
+    console.print(f"[green]done:[/] {_summary(manifest)} -> {url}")
+    return url
+
+
+def finalize(fs, dataset_dir: str, core: dict, cfg: GenerateConfig | dict, wall: float, gen_wall: float, gen_tokens: int) -> dict:
+    """Collect shard entries, write the dataset card, then the manifest (last: the commit)."""
+    from kdgen.card import write_card
+
+    names = fmt.list_shards(fs, dataset_dir)
+    shards = [fmt.shard_entry_from_file(fs, dataset_dir, f"{fmt.DATA_DIR}/{n}") for n in names]
+    rows = sum(s["rows"] for s in shards)
+    tokens = sum(s["tokens"] for s in shards)
+    nbytes = sum(s["bytes"] for s in shards)
+    ids_t = fmt.id_type(core["tokenizer"]["embedding_rows"])
+    manifest = {
+        "format_version": fmt.FORMAT_VERSION,
+        "fingerprint": fmt.fingerprint(core),
+        "kdgen_version": kdgen.__version__,
+        "created": fmt.now_iso(),
+        **{key: core[key] for key in ("teacher", "tokenizer", "generation", "prompts")},
+        "encoding": {
+            "id_type": str(ids_t),
+            "logprob_scale": fmt.LOGPROB_SCALE,
+            "topk_layout": "flat T*k per row, position-major; logprob = -cumsum(topk_logprob_deltas)/logprob_scale",
+            "parquet": {k: v for k, v in fmt.PARQUET_OPTIONS.items() if k != "column_encoding"},
+        },
+        "shards": shards,
+        "totals": {
+            "rows": rows,
+            "tokens": tokens,
+            "bytes": nbytes,
+            "bytes_per_token": round(nbytes / tokens, 2) if tokens else None,
+        },
+        "wall_time_s": round(wall, 2),
+        "generation_time_s": round(gen_wall, 2),
+        "tokens_per_s": round(gen_tokens / gen_wall, 1) if gen_wall > 0 else None,
+        "fingerprint_fields": list(fmt.FINGERPRINT_FIELDS),
+        "config": asdict(cfg) if not isinstance(cfg, dict) else cfg,
+    }
+    write_card(fs, dataset_dir, manifest)
+    for p in fs.ls(fmt.join(dataset_dir, fmt.DATA_DIR), detail=False):
+        if p.rstrip("/").rsplit("/", 1)[-1].startswith(fmt.TMP_PREFIX):
+            fs.rm(p)  # leftovers of interrupted writes
+    fmt.write_manifest(fs, dataset_dir, manifest)
+    plan = fmt.join(dataset_dir, PLAN)
+    if fs.exists(plan):
+        fs.rm(plan)
+    return manifest
+
+
+def _summary(m: dict) -> str:
+    t = m["totals"]
+    tps = m.get("tokens_per_s")
+    rate = f", {tps:,.0f} tokens/s" if tps else ""
+    return f"{t['rows']:,} rows, {t['tokens']:,} tokens, {t['bytes_per_token']} bytes/token{rate}"
+
+
+def merge(url: str, sources: list[str] = ()) -> dict:
+    """Finish a dataset written in slices: copy in shards from `sources` (other machines' copies of
+    the same OUT/<fingerprint>), check every planned shard is there, then commit it."""
+    fs, path = fmt.open_fs(url)
+    if fmt.read_manifest(fs, path) is not None:
+        raise KdError(f"{url} is already complete (it has a manifest)")
+    for src in sources:
+        sfs, spath = fmt.open_fs(src)
+        if not sfs.exists(fmt.join(spath, PLAN)):
+            raise KdError(f"{src}: not a slice of a sliced `kdgen generate` (no {PLAN})")
+        with sfs.open(fmt.join(spath, PLAN), "rb") as f:
+            if json.loads(f.read())["fingerprint"] != posixpath.basename(path.rstrip("/")):
+                raise KdError(f"{src} is a slice of a different dataset than {url}")
+        fs.makedirs(fmt.join(path, fmt.DATA_DIR), exist_ok=True)
+        if not fs.exists(fmt.join(path, PLAN)):
+            with sfs.open(fmt.join(spath, PLAN), "rb") as f:
+                fmt.write_bytes_atomic(fs, fmt.join(path, PLAN), f.read())
+        for name in fmt.list_shards(sfs, spath):
+            dest = fmt.join(path, fmt.DATA_DIR, name)
+            if not fs.exists(dest):
+                with sfs.open(fmt.join(spath, fmt.DATA_DIR, name), "rb") as f:
+                    fmt.write_bytes_atomic(fs, dest, f.read())
+    plan_path = fmt.join(path, PLAN)
+    if not fs.exists(plan_path):
+        raise KdError(f"{url}: no generation plan found; point at OUT/<fingerprint> of a sliced `kdgen generate`")
+    with fs.open(plan_path, "rb") as f:
+        plan = json.loads(f.read())
+    present = set(fmt.list_shards(fs, path))
+    missing = [fmt.shard_name(i, plan["num_shards"]) for i in range(plan["num_shards"]) if fmt.shard_name(i, plan["num_shards"]) not in present]
+    if missing:
+        raise KdError(f"{url}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}...); finish the other slices first")
+    core, cfg = plan["core"], plan["config"]
+    return finalize(fs, path, core, cfg, 0.0, 0.0, 0)
+
+
+__all__ = ["GenerateConfig", "run", "merge", "prepare", "pa"]

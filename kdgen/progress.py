@@ -1,0 +1,65 @@
+"""Progress display on stderr (rich): spinners for one-off waits, a bar for long work.
+
+Everything goes to stderr so stdout stays clean for machine-readable output (`kdgen info --json`).
+Set `KD_QUIET=1` to silence the bar (tests and CI logs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+def quiet() -> bool:
+    return os.environ.get("KD_QUIET", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner while something slow happens once (model conversion, engine start)."""
+    if quiet():
+        yield
+        return
+    with console.status(message):
+        yield
+    console.print(f"[dim]{message}: done[/dim]")
+
+
+class RowProgress:
+    """Bar over rows with a live tokens/s figure: `with RowProgress(total) as p: p.advance(rows, tokens)`."""
+
+    def __init__(self, total_rows: int, description: str = "generating", done_rows: int = 0):
+        self.total = total_rows
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=quiet(),
+        )
+        self._task = self._progress.add_task(description, total=total_rows, completed=done_rows, rate="")
+
+    def __enter__(self) -> "RowProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def advance(self, rows: int, tokens: int) -> None:
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self._progress.update(self._task, advance=rows, rate=f"{self.tokens / elapsed:,.0f} tok/s")

@@ -1,0 +1,86 @@
+"""What a manifest records about a teacher: model identity and tokenizer identity.
+
+Loads only config and tokenizer (never weights), so `kdgen generate` can compute the dataset
+fingerprint — and answer a cache hit — before paying for an engine start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdgen.errors import KdError
+from kdgen.format import canonical_json, sha256_hex
+from kdgen.models import ResolvedModel, resolve
+from kdgen.prompts import chat_template_of
+
+
+@dataclass
+class Teacher:
+    model: ResolvedModel
+    tokenizer: object
+    config: object
+    dtype: str
+
+    @property
+    def embedding_rows(self) -> int:
+        return int(getattr(self.config, "vocab_size", None) or len(self.tokenizer))
+
+    @property
+    def context(self) -> int:
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+            v = getattr(self.config, name, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return 2048
+
+    def tokenizer_info(self) -> dict:
+        return tokenizer_identity(self.tokenizer, self.embedding_rows)
+
+    def teacher_info(self) -> dict:
+        info = self.model.identity()
+        info["dtype"] = self.dtype
+        info["architecture"] = (getattr(self.config, "architectures", None) or ["?"])[0]
+        info["context"] = self.context
+        return info
+
+
+def tokenizer_identity(tokenizer, embedding_rows: int) -> dict:
+    """Hashes and sizes that identify a tokenizer (shared by kdgen and the trainers' checks)."""
+    try:
+        body = tokenizer.backend_tokenizer.to_str()
+    except AttributeError:
+        body = canonical_json(sorted(tokenizer.get_vocab().items()))
+    template = chat_template_of(tokenizer)
+    special = {
+        name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")
+    }
+    return {
+        "vocab_size": embedding_rows,
+        "tokenizer_size": len(tokenizer),
+        "embedding_rows": embedding_rows,
+        "tokenizer_hash": sha256_hex(body),
+        "chat_template_hash": sha256_hex(template) if template else None,
+        "special_token_ids": special,
+        "class": type(tokenizer).__name__,
+    }
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    # float32 on CPU: vLLM and transformers agree there to 1e-4 nats (bfloat16 differs by up to 0.37)
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def load_teacher(spec: str, dtype: str = "auto") -> Teacher:
+    from transformers import AutoConfig, AutoTokenizer
+
+    model = resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(model.path)
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
+    except Exception as e:
+        raise KdError(f"model {spec!r}: cannot load its config/tokenizer from {model.path} ({type(e).__name__}: {e})") from None
+    return Teacher(model, tokenizer, config, resolve_dtype(dtype))

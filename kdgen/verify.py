@@ -1,0 +1,142 @@
+"""`kdgen verify`: checksums plus the contract's invariants, on every shard.
+
+Invariants (../shared/DESIGN.md): all per-token arrays have length T; top-k is [T, k]; log-probs
+<= 0 and sorted; sum(exp(topk)) <= 1 + 1e-3; ids < vocab size; token_logprobs[t] equals the top-k
+entry of the sampled token when it is in the top-k. Plus: row ids unique, finish_reason valid,
+shard files exactly those the manifest lists, shard paths inside the dataset directory.
+
+`check_table` is the row-level part, used by the tests on every writer.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from kdgen import format as fmt
+from kdgen.errors import KdError
+
+
+def check_table(table: pa.Table, k: int, vocab: int, scale: int = fmt.LOGPROB_SCALE) -> list[str]:
+    """Problems with the rows of one shard (empty list when it keeps every invariant)."""
+    problems = []
+    t_len = pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
+    if not np.array_equal(pc.list_value_length(table["token_logprobs"]).to_numpy(zero_copy_only=False), t_len):
+        problems.append("token_logprobs length differs from completion_ids")
+    for col in ("topk_ids", "topk_logprob_deltas"):
+        if not np.array_equal(pc.list_value_length(table[col]).to_numpy(zero_copy_only=False), t_len * k):
+            problems.append(f"{col} is not [T, k={k}] for every row")
+    if problems:
+        return problems
+    b = fmt.decode_table(table, k, scale, text=True)
+    if b.completion_ids.size:
+        if b.topk_ids.max() >= vocab or b.completion_ids.max() >= vocab:
+            problems.append(f"token ids >= vocab size {vocab}")
+        if (b.topk_logprobs > 0).any() or (b.token_logprobs > 1e-4).any():
+            problems.append("positive log-probs")
+        if (np.diff(b.topk_logprobs, axis=1) > 0).any():
+            problems.append("top-k log-probs not sorted descending")
+        mass = np.exp(b.topk_logprobs.astype(np.float64)).sum(1)
+        if (mass > 1 + 1e-3).any():
+            problems.append(f"top-k probability mass above 1 (max {mass.max():.4f})")
+        hit = b.topk_ids == b.completion_ids[:, None]
+        rows, cols = np.nonzero(hit)
+        if rows.size:
+            diff = np.abs(b.topk_logprobs[rows, cols] - b.token_logprobs[rows])
+            tol = 1.0 / scale + 1e-3  # quantisation + engine numerics (its sampler and top-k paths)
+            if diff.max() > tol:
+                problems.append(f"token_logprobs disagree with the top-k entry of the sampled token (max {diff.max():.4f} nats)")
+    if len(b.prompt_ids) and max((p.max() for p in b.prompt_ids if p.size), default=0) >= vocab:
+        problems.append(f"prompt ids >= vocab size {vocab}")
+    bad = set(b.finish_reasons) - {"stop", "length"}
+    if bad:
+        problems.append(f"unknown finish_reason {sorted(bad)}")
+    if len(set(b.ids)) != len(b.ids):
+        problems.append("duplicate row ids within the shard")
+    return problems
+
+
+def _safe_rel(path: str) -> bool:
+    return not (path.startswith("/") or "\\" in path or ".." in path.split("/") or "://" in path) and path.startswith(f"{fmt.DATA_DIR}/")
+
+
+def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
+    """Returns (manifest, problems). Each problem names the shard and what is wrong with it."""
+    fs, path = fmt.open_fs(url)
+    manifest = fmt.read_manifest(fs, path)
+    if manifest is None:
+        if fs.exists(fmt.join(path, fmt.DATA_DIR)):
+            return None, [f"{url}: no manifest.json — the generation did not finish; re-run `kdgen generate` to resume"]
+        return None, [f"{url}: not a teacher dataset (no manifest.json)"]
+    problems = []
+    try:
+        core = {key: manifest[key] for key in ("teacher", "tokenizer", "generation", "prompts")}
+        core["format_version"] = manifest["format_version"]
+        if fmt.fingerprint(core) != manifest["fingerprint"]:
+            problems.append("manifest.json: the fingerprint does not match its recorded settings (edited manifest?)")
+        k, vocab = manifest["generation"]["k"], manifest["tokenizer"]["vocab_size"]
+        scale = manifest["encoding"]["logprob_scale"]
+        listed = manifest["shards"]
+    except (KeyError, TypeError) as e:
+        return manifest, [f"manifest.json: missing field {e}; the manifest is damaged"]
+    if posixpath.basename(path.rstrip("/")) != manifest["fingerprint"]:
+        problems.append(f"directory name {posixpath.basename(path)} differs from the fingerprint {manifest['fingerprint']}")
+    names = set()
+    seen_ids: set[str] = set()
+    rows = tokens = 0
+    for s in listed:
+        rel = s.get("path", "")
+        if not _safe_rel(rel):
+            problems.append(f"{rel}: shard path escapes the dataset directory; refusing to read it")
+            continue
+        names.add(posixpath.basename(rel))
+        full = fmt.join(path, rel)
+        if not fs.exists(full):
+            problems.append(f"{rel}: missing")
+            continue
+        with fs.open(full, "rb") as f:
+            data = f.read()
+        if len(data) != s["bytes"]:
+            problems.append(f"{rel}: size {len(data)} bytes, manifest says {s['bytes']} (truncated or replaced)")
+            continue
+        if fmt.sha256_hex(data) != s["sha256"]:
+            problems.append(f"{rel}: sha256 mismatch (corrupted or replaced)")
+            continue
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except Exception as e:
+            problems.append(f"{rel}: unreadable Parquet ({e})")
+            continue
+        if table.num_rows != s["rows"]:
+            problems.append(f"{rel}: {table.num_rows} rows, manifest says {s['rows']}")
+        meta = table.schema.metadata or {}
+        if meta.get(b"kd.k", str(k).encode()) != str(k).encode():
+            problems.append(f"{rel}: written with k={meta[b'kd.k'].decode()}, the dataset has k={k} (a shard from another dataset?)")
+            continue
+        rows += table.num_rows
+        tokens += s["tokens"]
+        ids = table["id"].to_pylist()
+        dup = seen_ids.intersection(ids)
+        if dup:
+            problems.append(f"{rel}: {len(dup)} row id(s) also in another shard")
+        seen_ids.update(ids)
+        if deep:
+            problems += [f"{rel}: {p}" for p in check_table(table, k, vocab, scale)]
+    for extra in sorted(set(fmt.list_shards(fs, path)) - names):
+        problems.append(f"{fmt.DATA_DIR}/{extra}: shard file not listed in the manifest (from another run or dataset?)")
+    totals = manifest.get("totals", {})
+    if not problems and (totals.get("rows") != rows or totals.get("tokens") != tokens):
+        problems.append(f"manifest totals ({totals.get('rows')} rows, {totals.get('tokens')} tokens) differ from the shards ({rows}, {tokens})")
+    return manifest, problems
+
+
+def require_valid(url: str) -> None:
+    """Raise a one-line `KdError` if the dataset fails verification (used by kdtrain / kdeval)."""
+    _, problems = verify(url, deep=False)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise KdError(f"{url} fails verification: {problems[0]}{more}; run `kdgen verify {url}` for the full list")
