@@ -1,0 +1,257 @@
+"""Sparse top-k distillation losses: divergences over k+1 buckets, fused with the LM head.
+
+The teacher dataset holds, per completion token, the teacher's k most likely ids and their
+log-probs (normalised over the full vocabulary). The student side is its log-softmax gathered at
+those ids. Both sides become distributions over K categories:
+
+* ``tail="bucket"`` (default), K = k+1: the k top-k entries plus one **tail bucket** holding the
+  rest of the mass, ``log(1 - sum(exp(topk)))``, on each side. Mass-preserving: the divergence is
+  the exact divergence between the two distributions coarse-grained onto {top-k ids, everything
+  else} — a lower bound of the full-vocabulary one (data processing inequality).
+* ``tail="renorm"``, K = k: both sides renormalised over the top-k ids (log-softmax over the k
+  entries). This is the common shortcut; it is biased (it ignores how much mass each side puts
+  outside the top-k) and is kept for comparison.
+
+Temperature ``tau`` is applied the same way to both sides, on the K bucket log-probs:
+``log_softmax(logp / tau)``. For the top-k entries this is ordinary tempering of those entries
+relative to each other; **the tail bucket is tempered as if it were one token** (its mass m becomes
+m^(1/tau) before renormalising), whereas tempering the full vocabulary would raise every tail token
+separately (sum p_j^(1/tau) >= m^(1/tau) for tau > 1). So at tau > 1 the tail gets less weight than
+full-vocabulary tempering would give it; at tau = 1 nothing changes. The divergence is multiplied
+by tau^2 (Hinton et al. 2015) so gradient magnitudes stay comparable across temperatures.
+
+Divergences (t = teacher, s = student, both [N, K] log-probs, each row a distribution):
+
+==========  =================================================================================
+fkl         KL(t || s)                         forward KL, mode-covering (standard KD)
+rkl         KL(s || t)                         reverse KL, mode-seeking (MiniLLM)
+skl         KL(t || a*t + (1-a)*s)             skew forward KL, alpha = a (DistiLLM, 0.1)
+srkl        KL(s || (1-a)*t + a*s)             skew reverse KL (DistiLLM)
+jsd         b*KL(t||m) + (1-b)*KL(s||m),       generalised JSD, m = b*t + (1-b)*s (GKD, b = beta)
+tvd         0.5 * sum |t - s|                  total variation distance
+symkl       KL(t || s) + KL(s || t)            symmetric (Jeffreys) KL
+==========  =================================================================================
+
+Entries that are invalid for a token (teacher ids beyond the student's embedding rows) carry a
+teacher log-prob of -inf; they are dropped from both sides and their mass joins the tails.
+Log-probs are floored at ``LOG_FLOOR`` so that 0 * log 0 terms stay 0, and each tail mass is
+floored at ``TAIL_FLOOR`` (keeps the reverse KL finite when the top-k holds all the mass).
+
+`fused_sparse_kd` never materialises a [batch, time, vocab] tensor: it projects the hidden
+states through the LM head ``chunk`` tokens at a time, and computes the gradients of the hidden
+states and of the head weight inside the forward pass (one [chunk, V] tile alive at a time, no
+recomputation in the backward; the same trick as Liger's fused linear cross-entropy).
+
+Test: ``pytest tests/test_kdtrain_losses.py`` (every divergence against a dense reference).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "symkl")
+TAILS = ("bucket", "renorm")
+LOG_FLOOR = -1.0e4  # exp(LOG_FLOOR) == 0 in float32: zero-probability entries contribute exactly 0
+TAIL_FLOOR = 1.0e-10
+LOGITS_BUDGET = 1 << 25  # float32 elements per [chunk, V] tile when chunk is automatic (128 MB)
+
+
+@dataclass(frozen=True)
+class SparseKD:
+    """How the soft loss is computed (validated by `kdtrain.config`)."""
+
+    loss: str = "fkl"
+    tail: str = "bucket"
+    temperature: float = 1.0
+    alpha: float = 0.1  # skew KL mixing weight (skl, srkl)
+    beta: float = 0.5  # JSD interpolation weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergences between two distributions over the same K categories
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) per row. logp, logq: [N, K] -> [N]."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _mix(logp: Tensor, logq: Tensor, w: float) -> Tensor:
+    """log(w*p + (1-w)*q), stably. logp, logq: [N, K]; 0 <= w < 1."""
+    if w == 0.0:
+        return logq
+    return torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
+
+
+def divergence(t: Tensor, s: Tensor, loss: str, alpha: float = 0.1, beta: float = 0.5) -> Tensor:
+    """Per-row divergence between teacher and student.
+
+    t: [N, K] teacher log-probs; s: [N, K] student log-probs (rows are distributions, entries
+    >= LOG_FLOOR). Returns [N].
+    """
+    if loss == "fkl":
+        return _kl(t, s)
+    if loss == "rkl":
+        return _kl(s, t)
+    if loss == "skl":
+        return _kl(t, _mix(t, s, alpha))
+    if loss == "srkl":
+        return _kl(s, _mix(s, t, alpha))
+    if loss == "jsd":
+        m = _mix(t, s, beta)
+        return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+    if loss == "tvd":
+        return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+    if loss == "symkl":
+        return _kl(t, s) + _kl(s, t)
+    raise ValueError(f"unknown divergence {loss!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Buckets
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(max(1 - exp(x), TAIL_FLOOR)) for x = log of a mass (<= ~0). [..] -> [..]."""
+    return torch.log(torch.clamp(-torch.expm1(torch.clamp(x, max=0.0)), min=TAIL_FLOOR))
+
+
+def bucket_logprobs(top: Tensor, tail: str, temperature: float) -> Tensor:
+    """One side's top-k log-probs -> tempered bucket log-probs.
+
+    top: [N, k] log-probs normalised over the full vocabulary (-inf where an entry is dropped).
+    returns: [N, k+1] for tail="bucket" (last column is the tail), [N, k] for tail="renorm";
+    each row a distribution, entries floored at LOG_FLOOR.
+    """
+    if tail == "bucket":
+        top = torch.cat([top, _log1mexp(torch.logsumexp(top, -1, keepdim=True))], dim=-1)
+    elif tail != "renorm":
+        raise ValueError(f"unknown tail mode {tail!r}; choose one of {', '.join(TAILS)}")
+    if temperature != 1.0 or tail == "renorm":
+        top = F.log_softmax(top / temperature, dim=-1)
+    return top.clamp(min=LOG_FLOOR)
+
+
+def sparse_kd_per_token(
+    student_topk: Tensor, teacher_topk: Tensor, spec: SparseKD
+) -> Tensor:
+    """Per-token soft loss from gathered log-probs.
+
+    student_topk: [N, k] student log-softmax (temperature 1) at the teacher's top-k ids.
+    teacher_topk: [N, k] teacher log-probs (temperature 1), -inf for dropped entries.
+    returns: [N], already multiplied by temperature^2.
+    """
+    student_topk = student_topk.masked_fill(torch.isneginf(teacher_topk), float("-inf"))
+    t = bucket_logprobs(teacher_topk.float(), spec.tail, spec.temperature)
+    s = bucket_logprobs(student_topk.float(), spec.tail, spec.temperature)
+    return divergence(t, s, spec.loss, spec.alpha, spec.beta) * spec.temperature**2
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused with the LM head
+
+
+def auto_chunk(vocab: int, chunk: int = 0) -> int:
+    """Tokens per [chunk, vocab] logits tile: `chunk` if > 0, else about LOGITS_BUDGET elements."""
+    return chunk if chunk > 0 else max(16, LOGITS_BUDGET // max(vocab, 1))
+
+
+class _FusedSparseKD(torch.autograd.Function):
+    """See `fused_sparse_kd`. Gradients are computed in the forward and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, chunk, softcap):
+        n_tok, vocab = hidden.shape[0], weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        use_kd = kd_weight != 0.0 and topk_ids.shape[-1] > 0
+        w = weight
+        for a in range(0, n_tok, chunk):
+            b = min(a + chunk, n_tok)
+            h = hidden[a:b]
+            z = (h @ w.to(h.dtype).t()).float()  # [n, V]
+            if softcap is not None:
+                raw = z
+                z = torch.tanh(raw / softcap) * softcap
+            lse = torch.logsumexp(z, -1)  # [n]
+            lab = labels[a:b]
+            z_lab = z.gather(1, lab[:, None]).squeeze(1)  # [n]
+            # small graph over [n, k] quantities: its gradients give the whole [n, V] gradient
+            with torch.enable_grad():
+                lse_l = lse.detach().requires_grad_(True)
+                zl_l = z_lab.detach().requires_grad_(True)
+                ce_tok = lse_l - zl_l
+                total = ce_weight * ce_tok.sum()
+                if use_kd:
+                    ids = topk_ids[a:b]
+                    zk_l = z.gather(1, ids).detach().requires_grad_(True)
+                    kd_tok = sparse_kd_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], spec)
+                    total = total + kd_weight * kd_tok.sum()
+                    g_lse, g_lab, g_k = torch.autograd.grad(total, (lse_l, zl_l, zk_l))
+                    kd_sum += kd_tok.detach().sum()
+                else:
+                    g_lse, g_lab = torch.autograd.grad(total, (lse_l, zl_l))
+            ce_sum += ce_tok.detach().sum()
+            if not (need_h or need_w):
+                continue
+            # dL/dz = g_lse * softmax(z) + scatter(g at the gathered ids); built in place in z
+            g = z.sub_(lse[:, None]).exp_().mul_(g_lse[:, None])
+            g.scatter_add_(1, lab[:, None], g_lab[:, None])
+            if use_kd:
+                g.scatter_add_(1, ids, g_k)
+            if softcap is not None:
+                g.mul_(1.0 - torch.tanh(raw / softcap).square_())
+            if need_h:
+                grad_h[a:b] = g @ w.float()
+            if need_w:
+                grad_w.addmm_(g.t(), h.float())
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        total = ce_weight * ce_sum + kd_weight * kd_sum
+        return total, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_total, _g_kd, _g_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        gh = (grad_h * grad_total).to(h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None, None, None
+
+
+def fused_sparse_kd(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    spec: SparseKD,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    chunk: int = 0,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Hard + soft loss summed over tokens, straight from hidden states.
+
+    hidden:        [N, H] final hidden states of the N scored positions (already shifted: row i
+                   predicts labels[i]); only completion positions, no padding.
+    weight:        [V, H] LM head weight (V >= every id below).
+    labels:        [N] the teacher's sampled token at each position (hard target).
+    topk_ids:      [N, k] teacher top-k ids (k may be 0 for a CE-only loss).
+    topk_logprobs: [N, k] teacher log-probs at temperature 1, -inf for dropped entries.
+    returns: (ce_weight * ce_sum + kd_weight * kd_sum, kd_sum, ce_sum) — scalar sums over tokens;
+             only the first carries gradient. Divide by the token count outside.
+    """
+    chunk = auto_chunk(weight.shape[0], chunk)
+    return _FusedSparseKD.apply(
+        hidden, weight, labels, topk_ids, topk_logprobs, spec, float(ce_weight), float(kd_weight), chunk, softcap
+    )
