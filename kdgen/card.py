@@ -43,7 +43,7 @@ token, written by `kdgen` {version} (format v{format_version}) for offline knowl
 | `messages` / `prompt` | the input as given (chat messages, or plain text) |
 | `prompt_ids` | the exact token ids the teacher saw (its chat template applied) |
 | `completion`, `completion_ids` | the teacher's text and token ids (EOS included when produced) |
-| `token_logprobs` | float32 log-prob of each completion token under the teacher, temperature 1 |
+| `token_logprob_codes` | log-prob of each completion token under the teacher (temperature 1): 0 = same as its top-k entry, else `round(-logprob * {scale}) + 1` |
 | `topk_ids` | the teacher's {k} most likely next tokens per completion position, flat (T*{k} values, position-major) |
 | `topk_logprob_deltas` | their log-probs, quantised and delta-coded (below) |
 | `finish_reason` | `stop` (EOS) or `length` |

@@ -49,6 +49,12 @@ class VLLMBackend:
         cpu = on_cpu()
         if cpu:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # vLLM hands torch one thread per worker for serving; with the in-process engine on a
+            # small CPU box that halves throughput. Respect an explicit OMP_NUM_THREADS.
+            os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        # vLLM logs to stdout by default; stdout carries our machine-readable output (the dataset URL)
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         self.llm = LLM(
