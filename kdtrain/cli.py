@@ -1,0 +1,108 @@
+"""`kdtrain` command line.
+
+    kdtrain run --data ds/<fp> --student <spec> --mode logit --loss fkl --out runs/s1
+    kdtrain run --config skew_kl --data ds/<fp> --init-from-teacher 0,4,8 lr=1e-4
+    accelerate launch --num_processes 2 -m kdtrain run ...
+    kdtrain recipes                                   # list the shipped YAML recipes
+
+The flags of `run` are generated from `kdtrain.config.TrainConfig` (one flag per field, its help
+from the field's docstring), so the config is the one registry of options. Trailing `key=value`
+arguments override anything (YAML scalars: `lr=1e-4 lora=true`). User errors print one line and
+exit 2. Test: `pytest tests/test_kdtrain_cli.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import typing
+from dataclasses import MISSING, fields
+from typing import List, Optional
+
+import typer
+
+from kdgen.errors import KdError
+from kdtrain.config import FIELD_TYPES, RECIPES, TrainConfig, load_config
+
+app = typer.Typer(
+    name="kdtrain",
+    help="Train students from teacher datasets: text-KD and sparse top-k logit KD, on TRL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _option(name: str, help: str):
+    """The typer parameter for one TrainConfig field: default None means 'not given'."""
+    t = FIELD_TYPES[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    flag = "--" + name.replace("_", "-")
+    if typing.get_origin(t) is list:
+        annotation, decls = Optional[List[str]], [flag]
+    else:
+        base = args[0] if args else t
+        annotation = Optional[base]
+        decls = [f"{flag}/--no-{name.replace('_', '-')}"] if base is bool else [flag]
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    shown = f" [default: {default}]" if default not in (None, "", []) else ""
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, *decls, help=help + shown, show_default=False), annotation=annotation
+    )
+
+
+def _run(**kw) -> None:
+    recipe = kw.pop("config")
+    overrides = kw.pop("overrides") or []
+    cfg = load_config(recipe, kw, overrides)
+    from kdtrain.train import run
+
+    print(run(cfg))
+
+
+_run.__doc__ = "Train a student on teacher dataset(s); writes an HF checkpoint plus kd_config.json to --out."
+_run.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter(
+            "overrides",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=typer.Argument(None, help="key=value overrides, applied last (e.g. lr=1e-4 loss=jsd)."),
+            annotation=Optional[List[str]],
+        ),
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", "-c", help="YAML recipe: a file, or a name from `kdtrain recipes`."),
+            annotation=Optional[str],
+        ),
+        *(_option(f.name, f.metadata["help"]) for f in fields(TrainConfig)),
+    ]
+)
+app.command("run")(_run)
+
+
+@app.command()
+def recipes() -> None:
+    """List the YAML recipes shipped in kdtrain/recipes (use with --config NAME)."""
+    import yaml
+
+    for path in sorted(RECIPES.glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        print(f"{path.stem:<14} {doc.get('description', '')}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app()
+    except KdError as e:
+        print(f"kdtrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("kdtrain: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""`kdtrain run`: teacher dataset(s) in, a trained student (standard HF checkpoint) out.
+
+    run(cfg): validate -> open + verify datasets -> build student -> tokenizer checks
+              -> examples (truncate / refuse) -> KDTrainer -> train (resume from the newest
+              checkpoint in --out) -> save the final checkpoint (LoRA merged) + kd_config.json
+
+Every checkpoint (checkpoint-N/ and the final one at --out) carries `kd_config.json`: the resolved
+config, the datasets with their fingerprints, how the student was made, the tokenizer relation.
+
+Test: `pytest tests/test_kdtrain_run.py` (end to end on CPU, with resume).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from kdgen.errors import KdError
+from kdgen.progress import console, quiet
+from kdtrain import __version__
+from kdtrain.config import TrainConfig, validate
+from kdtrain.data import KDCollator, TeacherData, logit_examples, open_teacher_data, same_tokenizer, text_examples, to_hf_dataset
+from kdtrain.student import Student, build_student
+from kdtrain.trainer import KDLoss, KDTrainer, write_kd_config
+
+
+def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> bool:
+    """Whether the tokenizers match; KdError where logit KD cannot work."""
+    tok = data.manifest["tokenizer"]
+    same = same_tokenizer(data.manifest, student.tokenizer, student.embedding_rows)
+    if cfg.mode == "logit" and not same:
+        raise KdError(
+            f"--mode logit needs the teacher's tokenizer, but the student's differs (teacher {tok.get('class')} with "
+            f"{tok['tokenizer_size']:,} tokens, student {type(student.tokenizer).__name__} with {len(student.tokenizer):,}); "
+            f"use --mode text (SFT on the teacher's text works for any tokenizer pair) until vocabulary mapping exists"
+        )
+    if same and student.embedding_rows < len(student.tokenizer):
+        raise KdError(
+            f"the student has {student.embedding_rows:,} embedding rows but its tokenizer has {len(student.tokenizer):,} "
+            f"tokens; resize the student's embeddings first"
+        )
+    return same
+
+
+def fit_length(cfg: TrainConfig, student: Student) -> int:
+    if cfg.max_length is None:
+        return student.context
+    if cfg.max_length > student.context:
+        raise KdError(f"--max-length {cfg.max_length} exceeds the student's context ({student.context} tokens); lower it")
+    return cfg.max_length
+
+
+def training_args(cfg: TrainConfig):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=cfg.out,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=[r for r in cfg.report_to.split(",") if r and r != "none"] or "none",
+        deepspeed=cfg.deepspeed,
+        dataloader_num_workers=cfg.dataloader_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=quiet(),
+        # our collator pads the teacher arrays; SFTTrainer must neither tokenise nor drop columns
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        max_length=None,
+        packing=False,
+    )
+
+
+def lora_config(cfg: TrainConfig):
+    if not cfg.lora:
+        return None
+    from peft import LoraConfig
+
+    targets = "all-linear" if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
+
+
+def last_checkpoint(out: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(out) if os.path.isdir(out) else None
+
+
+def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
+    """Everything up to the training loop (also used by the benchmark)."""
+    from accelerate import PartialState
+
+    validate(cfg)
+    if quiet():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    main = PartialState().is_main_process
+    say = console.print if main and not quiet() else (lambda *a, **k: None)
+    data = open_teacher_data(cfg.data)
+    say(f"data: {len(data.datasets)} dataset(s), {data.num_rows:,} rows, {data.num_tokens:,} tokens, k={data.k} ({', '.join(d.fingerprint for d in data.datasets)})")
+    student = build_student(cfg, data.manifest)
+    same = check_tokenizers(cfg, data, student)
+    max_length = fit_length(cfg, student)
+    if cfg.mode == "logit":
+        prepared = logit_examples(data, max_length, cfg.overflow, student.embedding_rows, cfg.limit)
+    else:
+        prepared = text_examples(data, student.tokenizer, same, max_length, cfg.overflow, cfg.limit)
+    for note in prepared.notes:
+        if main:
+            console.print(f"[yellow]warning:[/] {note}")
+    tok = student.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    record = {
+        "kdtrain_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": cfg.to_dict(),
+        "fingerprints": [d.fingerprint for d in data.datasets],
+        "datasets": data.describe(),
+        "student": student.origin,
+        "tokenizer": "same" if same else "different",
+        "max_length": max_length,
+        "examples": {"rows": prepared.table.num_rows, "tokens": prepared.num_tokens, "truncated": prepared.truncated, "dropped": prepared.dropped},
+    }
+    kd_loss = (
+        KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.chunk_size)
+        if cfg.mode == "logit"
+        else KDLoss(cfg.sparse_kd(), 1.0, 0.0, cfg.chunk_size)
+    )
+    return KDTrainer(
+        model=student.model,
+        args=training_args(cfg),
+        train_dataset=to_hf_dataset(prepared),
+        data_collator=KDCollator(tok.pad_token_id, data.k if cfg.mode == "logit" else 0),
+        processing_class=tok,
+        peft_config=lora_config(cfg),
+        callbacks=callbacks,
+        kd_loss=kd_loss,
+        kd_record=record,
+    )
+
+
+def run(cfg: TrainConfig, callbacks: list | None = None) -> str:
+    """Train; returns the output directory holding the final checkpoint."""
+    trainer = build_trainer(cfg, callbacks)
+    resume = last_checkpoint(cfg.out) if cfg.resume else None
+    if resume and trainer.args.should_save:
+        console.print(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, cfg.out)
+    return cfg.out
+
+
+def save_final(trainer: KDTrainer, out: str) -> None:
+    """The final standard HF checkpoint at `out` (LoRA adapters merged in) and its kd_config.json."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+        if trainer.args.should_save:
+            model.save_pretrained(out)
+    else:
+        trainer.save_model(out)
+    if trainer.args.should_save:
+        trainer.processing_class.save_pretrained(out)
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        write_kd_config(out, {**trainer.kd_record, "global_step": trainer.state.global_step, "log_history": history})
+        console.print(f"[green]saved[/] {Path(out)} (step {trainer.state.global_step})")

@@ -1,0 +1,324 @@
+"""`kdtrain run` end to end on CPU: a tiny teacher writes a dataset through kdgen (hf backend),
+tiny students train on it. Covers alignment (student = teacher -> KD ~ 0), gradient accumulation,
+resume after a kill, reload in transformers, init from teacher layers, tokenizer checks, bad
+inputs, and a two-process `accelerate launch --cpu` run (marked slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, build_tiny_model
+from kdgen.errors import KdError
+from kdtrain.config import load_config
+
+MAX_NEW = 16
+
+
+def _peaky_model(out: Path, tokenizer, seed: int, layers: int = 2, vocab_rows: int | None = None) -> str:
+    """A tiny Llama with an untied, large LM head: peaked next-token distributions that depend on
+    the context (with tied embeddings a random model just repeats its input token), so KD has signal."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    build_tiny_model(out, tokenizer, seed=seed, layers=layers)
+    config = AutoConfig.from_pretrained(out)
+    config.tie_word_embeddings = False
+    if vocab_rows:
+        config.vocab_size = vocab_rows
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    model.save_pretrained(out)
+    return str(out)
+
+
+def _generate(prompts: Path, out: Path, teacher: str, k: int = 8) -> str:
+    from kdgen.generate import GenerateConfig, run
+
+    cfg = GenerateConfig(prompts=str(prompts), out=str(out), teacher=teacher, backend="hf", max_new_tokens=MAX_NEW, k=k, temperature=0.0)
+    return run(cfg, "generate")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer):
+    """Teacher (2 layers), another tiny student, 12 prompts and the teacher's dataset (k=8)."""
+    root = tmp_path_factory.mktemp("kdtrain")
+    rows = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:12]]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
+    teacher = _peaky_model(root / "teacher", tokenizer, seed=0)
+    student = _peaky_model(root / "student", tokenizer, seed=1, layers=1)
+    data = _generate(prompts, root / "datasets", teacher)
+    return {"root": root, "prompts": prompts, "teacher": teacher, "student": student, "data": data}
+
+
+def _cfg(world, out: Path, **kw):
+    flags = {"data": [world["data"]], "student": world["student"], "out": str(out), "lr": 3e-3, "batch_size": 4, "warmup_ratio": 0.0, "logging_steps": 2, "save_steps": 4, "max_steps": 4}
+    flags.update(kw)
+    return load_config(None, flags)
+
+
+def _first_batch(trainer) -> dict:
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_student_equal_to_teacher_has_zero_kd(world, tmp_path):
+    """Checks the alignment of teacher arrays with labels: the teacher distils into itself at ~0."""
+    from kdtrain.train import build_trainer
+
+    for loss in ("fkl", "rkl", "jsd"):
+        trainer = build_trainer(_cfg(world, tmp_path / "self", student=world["teacher"], loss=loss))
+        batch = _first_batch(trainer)
+        out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], kd_targets=batch)
+        n = out.n_tokens.item()
+        assert n == (batch["labels"][:, 1:] != -100).sum().item() > 0
+        assert out.kd_sum.item() / n < 2e-3, loss  # only the dataset's 1/1024-nat quantisation remains
+    other = build_trainer(_cfg(world, tmp_path / "other"))
+    out = other.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], kd_targets=batch)
+    assert out.kd_sum.item() / out.n_tokens.item() > 0.5
+
+
+def test_prompt_tokens_are_masked(world, tmp_path):
+    from kdtrain.train import build_trainer
+
+    trainer = build_trainer(_cfg(world, tmp_path / "mask"))
+    ex = trainer.train_dataset[0]
+    batch = trainer.data_collator([ex])
+    start = int(ex["completion_start"])
+    assert (batch["labels"][0, :start] == -100).all()
+    assert (batch["labels"][0, start:] == torch.as_tensor(ex["input_ids"][start:])).all()
+    # the teacher's top-1 for a greedy completion is the token itself
+    assert (batch["topk_ids"][0, start:, 0] == batch["labels"][0, start:]).all()
+
+
+def _grads_after_one_step(world, out: Path, **kw) -> dict[str, torch.Tensor]:
+    from transformers import TrainerCallback
+
+    from kdtrain.train import build_trainer
+
+    grads: dict[str, torch.Tensor] = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **_):
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    trainer = build_trainer(_cfg(world, out, max_steps=1, max_grad_norm=0.0, ce_weight=0.5, loss="jsd", **kw), callbacks=[Grab()])
+    trainer.train()
+    return grads
+
+
+def test_grad_accumulation_4x1_equals_batch_4(world, tmp_path):
+    big = _grads_after_one_step(world, tmp_path / "b4", batch_size=4, grad_accum=1)
+    small = _grads_after_one_step(world, tmp_path / "b1", batch_size=1, grad_accum=4)
+    assert big.keys() == small.keys() and big
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=2e-4, atol=1e-6, msg=name)
+
+
+def test_end_to_end_kill_resume_reload(world, tmp_path):
+    """Train, get killed after checkpoint-4, resume to step 12; the loss falls; the checkpoint reloads."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from kdtrain.train import run
+
+    out = tmp_path / "run"
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **_):
+            if state.global_step == 6:
+                raise KeyboardInterrupt  # as a killed process: checkpoint-4 is the newest on disk
+
+    cfg = _cfg(world, out, max_steps=12, loss="skl", ce_weight=0.2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, callbacks=[Kill()])
+    assert (out / "checkpoint-4" / "kd_config.json").exists() and not (out / "config.json").exists()
+
+    steps = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **_):
+            steps.append(state.global_step)
+
+    run(cfg, callbacks=[Count()])
+    assert steps == list(range(5, 13))  # resumed from checkpoint-4, not from scratch
+    record = json.loads((out / "kd_config.json").read_text())
+    fp = Path(world["data"]).name
+    assert record["fingerprints"] == [fp] and record["config"]["loss"] == "skl" and record["global_step"] == 12
+    assert json.loads((out / "checkpoint-8" / "kd_config.json").read_text())["fingerprints"] == [fp]
+    kd = [h["kd"] for h in record["log_history"]]
+    total = [h["total"] for h in record["log_history"]]
+    assert len(kd) == 6 and kd[-1] < 0.8 * kd[0] and total[-1] < 0.5 * total[0], (kd, total)
+    assert all(h["tokens_per_s"] > 0 and "ce" in h and "total" in h for h in record["log_history"])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1
+    ids = torch.tensor([[1, 2, 3]])
+    assert model(input_ids=ids).logits.shape == (1, 3, model.config.vocab_size)
+
+
+def test_init_from_teacher_layers(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from kdtrain.student import from_teacher_layers
+
+    s = from_teacher_layers(world["teacher"], [1])
+    t = AutoModelForCausalLM.from_pretrained(world["teacher"])
+    assert s.model.config.num_hidden_layers == 1
+    torch.testing.assert_close(s.model.model.layers[0].mlp.up_proj.weight, t.model.layers[1].mlp.up_proj.weight)
+    torch.testing.assert_close(s.model.model.norm.weight, t.model.norm.weight)
+    torch.testing.assert_close(s.model.get_input_embeddings().weight, t.get_input_embeddings().weight)
+    with pytest.raises(KdError, match="the teacher has 2 layers"):
+        from_teacher_layers(world["teacher"], [0, 5])
+
+
+def test_fresh_student_from_config_and_lora(world, tmp_path):
+    """--student-config with the teacher's tokenizer (from the manifest), and LoRA merged at the end."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdtrain.train import run
+
+    conf = AutoConfig.from_pretrained(world["student"]).to_dict()
+    conf["num_hidden_layers"] = 1
+    path = tmp_path / "student.json"
+    path.write_text(json.dumps(conf))
+    out = tmp_path / "fresh"
+    run(_cfg(world, out, student="", student_config=str(path), max_steps=2, save_steps=100))
+    assert json.loads((out / "kd_config.json").read_text())["student"]["kind"] == "config"
+    out = tmp_path / "lora"
+    run(_cfg(world, out, lora=True, lora_r=4, max_steps=2, save_steps=100))
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def _other_tokenizer_model(out: Path) -> str:
+    """A tiny Llama with its own byte-level BPE tokenizer trained here (a different tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = [json.loads(line)["messages"][-1]["content"] for line in (REPO / "data" / "train.jsonl").read_text().splitlines()]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=512, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_other_tokenizer_logit_refused_text_works(world, tmp_path):
+    from kdtrain.train import run
+
+    other = _other_tokenizer_model(tmp_path / "other")
+    with pytest.raises(KdError, match="use --mode text"):
+        run(_cfg(world, tmp_path / "x", student=other))
+    out = tmp_path / "text"
+    run(_cfg(world, out, student=other, mode="text", max_steps=2, save_steps=100))
+    record = json.loads((out / "kd_config.json").read_text())
+    assert record["tokenizer"] == "different" and record["examples"]["rows"] == 12
+    assert record["log_history"][-1]["ce"] > 0
+
+
+def test_padded_embedding_rows(world, tokenizer, tmp_path):
+    """Same tokenizer, different embedding rows: student padded above the teacher, and teacher padded
+    above the student (teacher ids beyond the student's rows go to the tail bucket)."""
+    from kdtrain.train import build_trainer, run
+
+    padded_student = _peaky_model(tmp_path / "ps", tokenizer, seed=3, layers=1, vocab_rows=len(tokenizer) + 64)
+    run(_cfg(world, tmp_path / "a", student=padded_student, max_steps=1, save_steps=100))
+    # the teacher plus 64 padding rows, each a slightly shrunk copy of a frequent token's row: they
+    # rank right behind their twin (in the top-k) but never win the argmax (same completions)
+    from kdgen.format import TeacherDataset
+    from transformers import AutoModelForCausalLM
+
+    ids = next(TeacherDataset(world["data"]).iter_batches(1000, text=False)).completion_ids
+    frequent = torch.as_tensor(ids).bincount().argsort(descending=True)[:64]
+    m = AutoModelForCausalLM.from_pretrained(world["teacher"])
+    m.resize_token_embeddings(len(tokenizer) + 64, mean_resizing=False)
+    with torch.no_grad():
+        m.lm_head.weight[len(tokenizer) :] = 0.999 * m.lm_head.weight[frequent]
+    padded_teacher = str(tmp_path / "pt")
+    m.save_pretrained(padded_teacher)
+    tokenizer.save_pretrained(padded_teacher)
+    data = _generate(world["prompts"], tmp_path / "ds", padded_teacher)
+    trainer = build_trainer(_cfg(world, tmp_path / "b", data=[data], max_steps=1))
+    assert trainer.kd_record["examples"]["rows"] == 12
+    lps = trainer.train_dataset[:]["topk_logprobs"]
+    assert any(torch.isinf(torch.as_tensor(x)).any() for x in lps)
+    trainer.train()
+
+
+def test_bad_inputs(world, tmp_path):
+    from kdtrain.train import run
+
+    base = Path(world["data"])
+    # a dataset failing verification
+    broken = tmp_path / "broken" / base.name
+    shutil.copytree(base, broken)
+    shard = next((broken / "data").glob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(KdError, match="fails verification"):
+        run(_cfg(world, tmp_path / "o", data=[str(broken)]))
+    # an empty dataset (valid, zero rows)
+    empty = tmp_path / "empty" / base.name
+    shutil.copytree(base, empty)
+    shutil.rmtree(empty / "data")
+    m = json.loads((empty / "manifest.json").read_text())
+    m["shards"], m["totals"]["rows"], m["totals"]["tokens"] = [], 0, 0
+    (empty / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(KdError, match="empty"):
+        run(_cfg(world, tmp_path / "o", data=[str(empty)]))
+    # mixed datasets with different k
+    other_k = _generate(world["prompts"], tmp_path / "k4", world["teacher"], k=4)
+    with pytest.raises(KdError, match="mixed datasets must share k"):
+        run(_cfg(world, tmp_path / "o", data=[world["data"], other_k]))
+    # not a dataset
+    with pytest.raises(KdError, match="no teacher dataset"):
+        run(_cfg(world, tmp_path / "o", data=[str(tmp_path)]))
+    # sequences longer than --max-length: refuse, or truncate with a warning
+    with pytest.raises(KdError, match="longer than --max-length 40"):
+        run(_cfg(world, tmp_path / "o", max_length=40, overflow="refuse"))
+    from kdtrain.train import build_trainer
+
+    t = build_trainer(_cfg(world, tmp_path / "o", max_length=40))
+    assert t.kd_record["examples"]["truncated"] + t.kd_record["examples"]["dropped"] > 0
+    assert max(len(x) for x in t.train_dataset[:]["input_ids"]) <= 40
+    with pytest.raises(KdError, match="exceeds the student's context"):
+        run(_cfg(world, tmp_path / "o", max_length=100_000))
+
+
+def test_cli_end_to_end_one_line_errors(world, tmp_path):
+    """The console entry point: a run through `python -m kdtrain`, and a user error -> one line, exit 2."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KD_QUIET": "1"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "kdtrain", "run", "--data", world["data"], "--student", world["student"], "--mode", "logit", "--loss", "fkl", "--out", str(tmp_path / "o"), "max_length=100000"],
+        capture_output=True, text=True, env=env, cwd=REPO,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("kdtrain: error: --max-length 100000 exceeds the student's context")
+
+
+def test_two_process_accelerate_cpu(world, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KD_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "kdtrain", "run", "--data", world["data"], "--student", world["student"], "--out", str(out),
+        "max_steps=3", "batch_size=2", "logging_steps=1", "save_steps=100", "lr=3e-3",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "kd_config.json").read_text())
+    assert record["global_step"] == 3 and len(record["log_history"]) == 3
