@@ -143,9 +143,25 @@ def schema(vocab_rows: int, k: int) -> pa.Schema:
 
 # Parquet settings, spelled out: see the module docstring for why.
 _INT_LIST_COLUMNS = ["prompt_ids", "completion_ids", "token_logprob_codes", "topk_ids", "topk_logprob_deltas"]
+_LEAVES = {  # Parquet leaf column paths of the v1 schema (per-column options are keyed by these)
+    "id": ["id"],
+    "messages": ["messages.list.element.role", "messages.list.element.content"],
+    "prompt": ["prompt"],
+    "prompt_ids": ["prompt_ids.list.element"],
+    "completion": ["completion"],
+    "completion_ids": ["completion_ids.list.element"],
+    "token_logprob_codes": ["token_logprob_codes.list.element"],
+    "topk_ids": ["topk_ids.list.element"],
+    "topk_logprob_deltas": ["topk_logprob_deltas.list.element"],
+    "finish_reason": ["finish_reason"],
+}
+# The two top-k columns are ~95% of the bytes: brotli-5 codes them 3-4% smaller than zstd-3 at
+# similar read speed (bench/storage.py); everything else is zstd-3. All readers (pyarrow, polars,
+# DuckDB, datasets) read both codecs.
+_TOPK = ("topk_ids", "topk_logprob_deltas")
 PARQUET_OPTIONS = dict(
-    compression="zstd",
-    compression_level=3,
+    compression={leaf: ("brotli" if col in _TOPK else "zstd") for col, leaves in _LEAVES.items() for leaf in leaves},
+    compression_level={leaf: (5 if col in _TOPK else 3) for col, leaves in _LEAVES.items() for leaf in leaves},
     use_dictionary=["id", "finish_reason"],
     # keys are Parquet column paths: a list column's values live at "<name>.list.element"
     column_encoding={f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in _INT_LIST_COLUMNS},
