@@ -2,19 +2,23 @@
 
 Reads datasets only through `kdgen.format.TeacherDataset` (the format's one reader).
 
-An example is one teacher row:
+An example is one teacher row. `Prepared` keeps all examples as flat numpy arrays (one copy,
+no per-row Python objects):
 
-    input_ids         [L]      prompt ids then completion ids (L = P + T, after truncation)
-    completion_start  int      P: positions < P are prompt and never enter any loss
-    topk_ids          [T*k]    logit mode only: the teacher's top-k ids, flat, position-major
-    topk_logprobs     [T*k]    logit mode only: their log-probs (temperature 1); -inf where the id
-                               is beyond the student's embedding rows (the loss moves it to the tail)
+    seq_ids [sum L] + seq_offsets [rows+1]   prompt ids then completion ids (L = P + T, truncated)
+    completion_start [rows]                  P: positions < P are prompt, never in any loss
+    topk_ids [sum T, k] int32 + tok_offsets  logit mode only: the teacher's top-k ids
+    topk_logprobs [sum T, k] float32         their log-probs (temperature 1); -inf where the id is
+                                             beyond the student's embedding rows (-> tail bucket)
 
 Teacher arrays are aligned with *labels*: completion token j sits at position P + j, and its top-k
 row is the teacher's distribution for that token (predicted from position P + j - 1). The trainer
 shifts hidden states, labels and teacher arrays together.
 
-`KDCollator` pads a list of examples into
+The `datasets.Dataset` handed to the trainer holds only row indices (`to_hf_dataset`), so the
+Trainer's samplers, DDP sharding and resume-skipping work on it, while `KDCollator` slices the
+arrays directly: HF's per-row numpy formatting would cap loading at a few 100k tokens/s.
+`KDCollator` pads a batch of rows into
     input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 on prompt and padding),
     topk_ids [B, L, k] int32 and topk_logprobs [B, L, k] float32 (zeros off the completion).
 
@@ -26,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from kdgen.errors import KdError
@@ -112,9 +115,14 @@ def same_tokenizer(manifest: dict, tokenizer, embedding_rows: int) -> bool:
 
 @dataclass
 class Prepared:
-    """Examples as Arrow columns plus what happened on the way (for the log and kd_config.json)."""
+    """All examples as flat arrays (see the module docstring), plus what happened on the way."""
 
-    table: pa.Table
+    seq_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    seq_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    completion_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+    tok_offsets: np.ndarray | None = None
     rows_in: int = 0
     truncated: int = 0
     dropped: int = 0
@@ -123,12 +131,30 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def num_rows(self) -> int:
+        return len(self.completion_start)
+
+    @property
     def num_tokens(self) -> int:
-        return int(pa.compute.sum(pa.compute.list_value_length(self.table["input_ids"])).as_py() or 0)
+        return int(self.seq_offsets[-1])
+
+    @property
+    def k(self) -> int:
+        return 0 if self.topk_ids is None else self.topk_ids.shape[1]
+
+    def row(self, i: int) -> dict:
+        a, b = self.seq_offsets[i], self.seq_offsets[i + 1]
+        out = {"input_ids": self.seq_ids[a:b], "completion_start": int(self.completion_start[i])}
+        if self.topk_ids is not None:
+            c, d = self.tok_offsets[i], self.tok_offsets[i + 1]
+            out["topk_ids"], out["topk_logprobs"] = self.topk_ids[c:d], self.topk_logprobs[c:d]
+        return out
 
 
-def _list_array(offsets: np.ndarray, values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int64), pa.int64()), pa.array(values, arrow_type)).cast(pa.large_list(arrow_type))
+def _offsets(lengths) -> np.ndarray:
+    off = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=off[1:])
+    return off
 
 
 def _overflow(where: str, n: int, longest: int, max_length: int) -> KdError:
@@ -141,8 +167,8 @@ def _overflow(where: str, n: int, longest: int, max_length: int) -> KdError:
 def logit_examples(data: TeacherData, max_length: int, overflow: str, student_rows: int, limit: int | None = None) -> Prepared:
     """Rows -> examples with teacher top-k arrays (vectorised per read batch)."""
     k = data.k
-    parts: dict[str, list] = {"input_ids": [], "completion_start": [], "topk_ids": [], "topk_logprobs": []}
-    out = Prepared(table=None)  # type: ignore[arg-type]
+    parts: dict[str, list] = {"seqs": [], "seq_len": [], "start": [], "t_len": [], "ids": [], "lps": []}
+    out = Prepared()
     remaining = limit
     for ds in data.datasets:
         for b in ds.iter_batches(batch_rows=1024, text=False):
@@ -176,21 +202,26 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
                 lps = np.where(bad, -np.inf, lps).astype(np.float32)
                 ids = np.where(bad, 0, ids)
             kt = keep_t[ok]
-            comp_off = np.zeros(len(kt) + 1, np.int64)
-            np.cumsum(kt, out=comp_off[1:])
+            comp_off = _offsets(kt)
             kept_prompts = [p for p, o in zip(b.prompt_ids[:rows], ok) if o]
-            seqs = [np.concatenate([p, comp[comp_off[i] : comp_off[i + 1]]]) for i, p in enumerate(kept_prompts)]
-            seq_off = np.zeros(len(seqs) + 1, np.int64)
-            np.cumsum([len(s) for s in seqs], out=seq_off[1:])
-            parts["input_ids"].append(_list_array(seq_off, np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32), pa.int32()))
-            parts["completion_start"].append(pa.array(p_len[ok].astype(np.int32), pa.int32()))
-            parts["topk_ids"].append(_list_array(comp_off * k, ids.reshape(-1).astype(np.int32), pa.int32()))
-            parts["topk_logprobs"].append(_list_array(comp_off * k, lps.reshape(-1).astype(np.float32), pa.float32()))
+            for i, p in enumerate(kept_prompts):
+                parts["seqs"] += [p, comp[comp_off[i] : comp_off[i + 1]]]
+            parts["seq_len"].append(p_len[ok] + kt)
+            parts["start"].append(p_len[ok])
+            parts["t_len"].append(kt)
+            parts["ids"].append(ids.astype(np.int32))
+            parts["lps"].append(lps.astype(np.float32, copy=False))
             if remaining is not None:
                 remaining -= rows
         if remaining is not None and remaining <= 0:
             break
-    out.table = pa.table({name: pa.chunked_array(chunks) for name, chunks in parts.items()}) if parts["input_ids"] else None
+    if parts["start"]:
+        out.seq_ids = np.concatenate(parts["seqs"]).astype(np.int32) if parts["seqs"] else np.zeros(0, np.int32)
+        out.seq_offsets = _offsets(np.concatenate(parts["seq_len"]))
+        out.completion_start = np.concatenate(parts["start"])
+        out.tok_offsets = _offsets(np.concatenate(parts["t_len"]))
+        out.topk_ids = np.concatenate(parts["ids"]).reshape(-1, k)
+        out.topk_logprobs = np.concatenate(parts["lps"]).reshape(-1, k)
     return _finish(out, max_length)
 
 
@@ -223,7 +254,7 @@ def text_examples(data: TeacherData, tokenizer, same: bool, max_length: int, ove
             break
     if limit is not None:
         seqs, starts = seqs[:limit], starts[:limit]
-    out = Prepared(table=None, rows_in=len(seqs))  # type: ignore[arg-type]
+    out = Prepared(rows_in=len(seqs))
     lengths = np.asarray([len(s) for s in seqs], np.int64)
     too_long = lengths > max_length
     if too_long.any() and overflow == "refuse":
@@ -232,15 +263,10 @@ def text_examples(data: TeacherData, tokenizer, same: bool, max_length: int, ove
     out.truncated = int(sum(1 for i in keep if too_long[i]))
     out.dropped = len(seqs) - len(keep)
     kept = [seqs[i][:max_length] for i in keep]
-    off = np.zeros(len(kept) + 1, np.int64)
-    np.cumsum([len(s) for s in kept], out=off[1:])
     if kept:
-        out.table = pa.table(
-            {
-                "input_ids": _list_array(off, np.concatenate(kept).astype(np.int32), pa.int32()),
-                "completion_start": pa.array([starts[i] for i in keep], pa.int32()),
-            }
-        )
+        out.seq_ids = np.concatenate(kept).astype(np.int32)
+        out.seq_offsets = _offsets([len(x) for x in kept])
+        out.completion_start = np.asarray([starts[i] for i in keep], np.int64)
     return _finish(out, max_length)
 
 
@@ -264,7 +290,7 @@ def _finish(out: Prepared, max_length: int) -> Prepared:
         out.notes.append(f"{out.beyond_vocab} row(s) dropped: they hold token ids beyond the student's embedding rows")
     if out.dropped_topk_entries:
         out.notes.append(f"{out.dropped_topk_entries} teacher top-k entries name ids beyond the student's embedding rows; their mass goes to the tail bucket")
-    if out.table is None or out.table.num_rows == 0:
+    if out.num_rows == 0:
         why = "; ".join(out.notes) or "the dataset holds no completion tokens"
         raise KdError(f"no trainable rows left (of {out.rows_in}): {why}")
     return out
@@ -276,42 +302,49 @@ def _finish(out: Prepared, max_length: int) -> Prepared:
 
 @dataclass
 class KDCollator:
-    """Pads examples (numpy-formatted rows of a `Prepared.table`) into a batch; see the module doc."""
+    """Pads the rows named by a batch of `{"row": i}` examples into tensors (module docstring).
 
+    `with_topk=False` leaves the teacher arrays out (text mode, or plain SFT on the same rows).
+    """
+
+    examples: Prepared
     pad_id: int
-    k: int = 0  # 0: no teacher arrays (text mode)
+    with_topk: bool = True
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        n = len(examples)
-        lengths = [len(e["input_ids"]) for e in examples]
-        width = max(lengths)
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        ex = self.examples
+        rows = np.fromiter((int(e["row"]) for e in batch), np.int64, len(batch))
+        a, b = ex.seq_offsets[rows], ex.seq_offsets[rows + 1]
+        lengths, starts = b - a, ex.completion_start[rows]
+        n, width = len(rows), int(lengths.max())
         input_ids = np.full((n, width), self.pad_id, np.int64)
         labels = np.full((n, width), -100, np.int64)
-        mask = np.zeros((n, width), np.int64)
-        if self.k:
-            topk_ids = np.zeros((n, width, self.k), np.int32)
-            topk_lps = np.zeros((n, width, self.k), np.float32)
-        for i, e in enumerate(examples):
-            ids, start, L = e["input_ids"], int(e["completion_start"]), lengths[i]
-            input_ids[i, :L] = ids
-            labels[i, start:L] = ids[start:]
-            mask[i, :L] = 1
-            if self.k:
-                topk_ids[i, start:L] = np.asarray(e["topk_ids"]).reshape(-1, self.k)
-                topk_lps[i, start:L] = np.asarray(e["topk_logprobs"]).reshape(-1, self.k)
-        batch = {
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        k = ex.k if self.with_topk else 0
+        if k:
+            topk_ids = np.zeros((n, width, k), np.int32)
+            topk_lps = np.zeros((n, width, k), np.float32)
+            c = ex.tok_offsets[rows]
+        for i in range(n):
+            seq, s, L = ex.seq_ids[a[i] : b[i]], starts[i], lengths[i]
+            input_ids[i, :L] = seq
+            labels[i, s:L] = seq[s:]
+            if k:
+                topk_ids[i, s:L] = ex.topk_ids[c[i] : c[i] + L - s]
+                topk_lps[i, s:L] = ex.topk_logprobs[c[i] : c[i] + L - s]
+        out = {
             "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(mask),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
             "labels": torch.from_numpy(labels),
         }
-        if self.k:
-            batch["topk_ids"] = torch.from_numpy(topk_ids)
-            batch["topk_logprobs"] = torch.from_numpy(topk_lps)
-        return batch
+        if k:
+            out["topk_ids"] = torch.from_numpy(topk_ids)
+            out["topk_logprobs"] = torch.from_numpy(topk_lps)
+        return out
 
 
 def to_hf_dataset(prepared: Prepared):
-    """The examples as a `datasets.Dataset` yielding numpy rows (what `SFTTrainer` takes)."""
+    """A `datasets.Dataset` of row indices (what `SFTTrainer` takes; `KDCollator` holds the data)."""
     import datasets
 
-    return datasets.Dataset(prepared.table).with_format("numpy")
+    return datasets.Dataset.from_dict({"row": np.arange(prepared.num_rows, dtype=np.int64)})

@@ -138,7 +138,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         "student": student.origin,
         "tokenizer": "same" if same else "different",
         "max_length": max_length,
-        "examples": {"rows": prepared.table.num_rows, "tokens": prepared.num_tokens, "truncated": prepared.truncated, "dropped": prepared.dropped},
+        "examples": {"rows": prepared.num_rows, "tokens": prepared.num_tokens, "truncated": prepared.truncated, "dropped": prepared.dropped},
     }
     kd_loss = (
         KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.chunk_size)
@@ -149,7 +149,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         model=student.model,
         args=training_args(cfg),
         train_dataset=to_hf_dataset(prepared),
-        data_collator=KDCollator(tok.pad_token_id, data.k if cfg.mode == "logit" else 0),
+        data_collator=KDCollator(prepared, tok.pad_token_id, with_topk=cfg.mode == "logit"),
         processing_class=tok,
         peft_config=lora_config(cfg),
         callbacks=callbacks,

@@ -94,8 +94,8 @@ def test_prompt_tokens_are_masked(world, tmp_path):
     from kdtrain.train import build_trainer
 
     trainer = build_trainer(_cfg(world, tmp_path / "mask"))
-    ex = trainer.train_dataset[0]
-    batch = trainer.data_collator([ex])
+    ex = trainer.data_collator.examples.row(0)
+    batch = trainer.data_collator([{"row": 0}])
     start = int(ex["completion_start"])
     assert (batch["labels"][0, :start] == -100).all()
     assert (batch["labels"][0, start:] == torch.as_tensor(ex["input_ids"][start:])).all()
@@ -255,8 +255,7 @@ def test_padded_embedding_rows(world, tokenizer, tmp_path):
     data = _generate(world["prompts"], tmp_path / "ds", padded_teacher)
     trainer = build_trainer(_cfg(world, tmp_path / "b", data=[data], max_steps=1))
     assert trainer.kd_record["examples"]["rows"] == 12
-    lps = trainer.train_dataset[:]["topk_logprobs"]
-    assert any(torch.isinf(torch.as_tensor(x)).any() for x in lps)
+    assert torch.isinf(torch.as_tensor(trainer.data_collator.examples.topk_logprobs)).any()
     trainer.train()
 
 
@@ -294,7 +293,7 @@ def test_bad_inputs(world, tmp_path):
 
     t = build_trainer(_cfg(world, tmp_path / "o", max_length=40))
     assert t.kd_record["examples"]["truncated"] + t.kd_record["examples"]["dropped"] > 0
-    assert max(len(x) for x in t.train_dataset[:]["input_ids"]) <= 40
+    assert max(len(t.data_collator.examples.row(i)["input_ids"]) for i in range(t.data_collator.examples.num_rows)) <= 40
     with pytest.raises(KdError, match="exceeds the student's context"):
         run(_cfg(world, tmp_path / "o", max_length=100_000))
 
