@@ -1,0 +1,3 @@
+from kdeval.cli import main
+
+main()

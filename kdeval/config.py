@@ -1,0 +1,134 @@
+"""Typed options of the three `kdeval` commands. Each field's docstring (its `help` metadata) is the
+CLI help, so this file is the one list of options and defaults.
+
+`validate_*` collect every problem with the given options into one `ConfigError` (one line, exit 2),
+naming the flag and the fix. Test: `pytest tests/test_kdeval_cli.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from kdgen.errors import collect
+
+# Metric names a user can ask for with --metrics. Fidelity metrics need --data and a model with the
+# dataset's tokenizer; quality metrics need references; `cost` is parameters, bytes, speed and memory.
+FIDELITY_METRICS = ("kl", "top1", "ece", "ppl")
+QUALITY_METRICS = ("rouge", "bleu")
+METRICS = FIDELITY_METRICS + QUALITY_METRICS + ("cost",)
+BACKENDS = ("hf", "vllm")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _f(default, help: str):
+    """A config field with its one docstring (the CLI help is read from here)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _fl(help: str):
+    return field(default_factory=list, metadata={"help": help})
+
+
+class _Help:
+    @classmethod
+    def help(cls, name: str) -> str:
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+@dataclass
+class EvalConfig(_Help):
+    models: list[str] = _fl("Model to score (repeatable): checkpoint directory, .gguf file or built-in name; NAME=SPEC sets its name in the report.")
+    teacher: str | None = _f(None, "The teacher, scored the same way as the students so the report shows the trade-off (its outputs also serve as references when none are given).")
+    baselines: list[str] = _fl("Baseline model (repeatable), e.g. the student before distillation; shown beside the students.")
+    data: str | None = _f(None, "Held-out teacher dataset (directory or URL of OUT/<fingerprint>): fidelity metrics, prompts, and the teacher's completions as references.")
+    prompts: str | None = _f(None, "Prompt file (.jsonl, .parquet, .csv) for generation when no --data is given (or to override its prompts).")
+    prompt_column: str | None = _f(None, "Column holding the prompt in --prompts. Default: messages, prompt, text, instruction, question or input.")
+    references: str | None = _f(None, "Reference completions, one per prompt (.jsonl/.csv with a reference column, or .txt one per line). Default: the teacher's completions.")
+    reference_column: str | None = _f(None, "Column holding the reference in --references. Default: reference, completion, output, answer, target or text.")
+    out: str = _f("kdeval-out", "Output directory: results.json, REPORT.md and plots.")
+    metrics: list[str] = _fl(f"Metrics to compute (repeatable; default all): {', '.join(METRICS)}.")
+    fidelity: bool = _f(True, "Score fidelity to the teacher on --data. --no-fidelity uses the dataset only for prompts and references (for models with another tokenizer).")
+    limit: int | None = _f(None, "Use only the first N dataset rows / prompts.")
+    samples: int = _f(3, "Side-by-side samples (prompt, reference, every model's output) kept for the report.")
+    backend: str = _f("hf", "Generation backend: hf (transformers) or vllm.")
+    dtype: str = _f("float32", "Dtype for every model: float32, bfloat16 or float16 (float32 on CPU).")
+    max_new_tokens: int | None = _f(None, "Maximum generated tokens per prompt. Default: the dataset's max_new_tokens, else 128.")
+    temperature: float = _f(0.0, "Sampling temperature for generation (0 = greedy, the default).")
+    top_p: float = _f(1.0, "Nucleus sampling for generation when --temperature > 0.")
+    seed: int = _f(0, "Base seed; each prompt's seed is derived from it (recorded in results.json).")
+    batch_size: int = _f(8, "Rows per forward pass (fidelity) and prompts per generation batch.")
+    verify: bool = _f(True, "Check the dataset's checksums before reading it (`kdgen verify --quick`).")
+
+
+@dataclass
+class CompareConfig(_Help):
+    runs: list[str] = _fl("`kdeval run` output directories (or their results.json files) to compare.")
+    out: str = _f("kdeval-report", "Output directory: REPORT.md, PNG plots and the merged results.json.")
+    samples: int = _f(3, "Side-by-side samples to show in REPORT.md.")
+
+
+@dataclass
+class LmEvalConfig(_Help):
+    model: str = _f("", "Checkpoint directory, .gguf file or built-in name to hand to lm-evaluation-harness.")
+    tasks: list[str] = _fl("Task names (standard lm-eval tasks need their data locally) or local task YAML files (repeatable). Default: data/lm_eval/kd_tiny_task.yaml.")
+    out: str = _f("kdeval-lm-eval", "Output directory for lm_eval_results.json.")
+    limit: int | None = _f(None, "Evaluate only the first N documents of each task.")
+    num_fewshot: int | None = _f(None, "Few-shot examples per prompt (default: the task's own setting).")
+    batch_size: int = _f(8, "Batch size for the harness.")
+    dtype: str = _f("float32", "Model dtype: float32, bfloat16 or float16.")
+    device: str = _f("cpu", "Device for the harness: cpu or cuda.")
+    seed: int = _f(0, "Seed for the harness (python, numpy, torch, few-shot sampling).")
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    problems = []
+    if not cfg.models and not cfg.teacher and not cfg.baselines:
+        problems.append("--model is required: a checkpoint directory, .gguf file or built-in name (repeat it to compare several)")
+    if not cfg.data and not cfg.prompts:
+        problems.append("give --data (a held-out teacher dataset) or --prompts (a prompt file)")
+    if cfg.prompts and not cfg.data and not cfg.references and not cfg.teacher:
+        problems.append("--prompts without references: give --references FILE, or --teacher to use its outputs as references")
+    unknown = [m for m in cfg.metrics if m not in METRICS]
+    if unknown:
+        problems.append(f"--metrics {', '.join(unknown)}: unknown metric; choose from {', '.join(METRICS)}")
+    if cfg.backend not in BACKENDS:
+        problems.append(f"--backend {cfg.backend}: choose {' or '.join(BACKENDS)}")
+    if cfg.dtype not in DTYPES:
+        problems.append(f"--dtype {cfg.dtype}: choose {', '.join(DTYPES)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        problems.append(f"--limit {cfg.limit}: must be >= 1")
+    if cfg.samples < 0:
+        problems.append(f"--samples {cfg.samples}: must be >= 0")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {cfg.max_new_tokens}: must be >= 1")
+    if cfg.temperature < 0:
+        problems.append(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < cfg.top_p <= 1:
+        problems.append(f"--top-p {cfg.top_p}: must be in (0, 1]")
+    if cfg.batch_size < 1:
+        problems.append(f"--batch-size {cfg.batch_size}: must be >= 1")
+    collect(problems)
+
+
+def validate_compare(cfg: CompareConfig) -> None:
+    problems = []
+    if not cfg.runs:
+        problems.append("give at least one `kdeval run` output directory to compare")
+    if cfg.samples < 0:
+        problems.append(f"--samples {cfg.samples}: must be >= 0")
+    collect(problems)
+
+
+def validate_lm_eval(cfg: LmEvalConfig) -> None:
+    problems = []
+    if not cfg.model:
+        problems.append("--model is required: a checkpoint directory, .gguf file or built-in name")
+    if cfg.limit is not None and cfg.limit < 1:
+        problems.append(f"--limit {cfg.limit}: must be >= 1")
+    if cfg.dtype not in DTYPES:
+        problems.append(f"--dtype {cfg.dtype}: choose {', '.join(DTYPES)}")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        problems.append(f"--device {cfg.device}: choose cpu or cuda")
+    if cfg.batch_size < 1:
+        problems.append(f"--batch-size {cfg.batch_size}: must be >= 1")
+    collect(problems)

@@ -1,0 +1,177 @@
+"""Fidelity of a student to its teacher on a held-out teacher dataset (same tokenizer).
+
+For every completion token of every row, the student is teacher-forced on prompt + completion and
+compared with the teacher's stored top-k log-probs:
+
+* **sparse KL(teacher || student) with the tail bucket** — both distributions coarse-grained onto
+  the teacher's k top ids plus one bucket holding everything else (teacher tail mass
+  ``1 - sum(exp(topk))``, student tail = its mass outside those k ids). This is the exact KL between
+  the coarse-grained distributions, a lower bound of the full-vocabulary KL (data processing
+  inequality), equal to it when k = vocab. Renormalising over the top-k instead would be biased.
+* **top-1 agreement** — student argmax equals the teacher's most likely token.
+* **ECE** — expected calibration error of the student's top-1 prediction against the token the
+  teacher actually emitted (Guo et al. 2017, 15 equal-width confidence bins).
+* **perplexity** — exp of the student's mean NLL of the teacher's completion tokens.
+
+Token-level means (micro averages over all completion tokens). The teacher's own perplexity on its
+completions, from the stored token log-probs, comes along as a floor. Run
+`pytest tests/test_kdeval_fidelity.py` (sparse KL against a dense reference, ECE by hand).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+ECE_BINS = 15
+LOGITS_BUDGET = 1 << 24  # float32 logits per forward chunk (64 MB): bounds memory on big vocabularies
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def sparse_kl(teacher_topk: torch.Tensor, student_topk: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the teacher's top-k ids plus one tail bucket, per token.
+
+    teacher_topk: [N, k] teacher log-probs (normalised over the full vocabulary)
+    student_topk: [N, k] student log-probs at the same ids (normalised over the full vocabulary)
+    returns:      [N] float64 nats
+    """
+    t = teacher_topk.double()
+    s = student_topk.double()
+    t_tail = _log1mexp(torch.logsumexp(t, -1))  # -inf when the top-k holds all the mass
+    s_tail = _log1mexp(torch.logsumexp(s, -1))
+    p = t.exp()
+    head = (p * (t - s)).sum(-1)
+    p_tail = t_tail.exp()
+    # 0 * log(0 / q) = 0: a teacher with no tail mass contributes nothing there
+    tail = torch.where(p_tail > 0, p_tail * (t_tail - s_tail), torch.zeros_like(p_tail))
+    return head + tail
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE = sum_b (n_b / N) * |accuracy_b - mean confidence_b| over equal-width bins of (0, 1].
+
+    confidence: [N] in [0, 1]; correct: [N] bool. Bin b holds (b/B, (b+1)/B] (0 joins the first bin).
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if confidence.size == 0:
+        return float("nan")
+    idx = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    n = np.bincount(idx, minlength=bins)
+    conf_sum = np.bincount(idx, weights=confidence, minlength=bins)
+    acc_sum = np.bincount(idx, weights=correct, minlength=bins)
+    return float(np.abs(acc_sum - conf_sum).sum() / confidence.size)
+
+
+@dataclass
+class TokenStats:
+    """Per-token measurements, concatenated over rows (all [N])."""
+
+    kl: list[np.ndarray] = field(default_factory=list)
+    top1: list[np.ndarray] = field(default_factory=list)
+    confidence: list[np.ndarray] = field(default_factory=list)
+    correct: list[np.ndarray] = field(default_factory=list)
+    nll: list[np.ndarray] = field(default_factory=list)
+    teacher_nll: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, **arrays: np.ndarray) -> None:
+        for name, a in arrays.items():
+            getattr(self, name).append(np.asarray(a))
+
+    def summary(self) -> dict:
+        cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.__dict__.items()}
+        n = int(cat["kl"].size)
+        if n == 0:
+            return {"tokens": 0}
+        return {
+            "tokens": n,
+            "kl": float(cat["kl"].mean()),
+            "top1": float(cat["top1"].mean()),
+            "ece": expected_calibration_error(cat["confidence"], cat["correct"]),
+            "ppl": float(np.exp(cat["nll"].mean())),
+            "teacher_ppl": float(np.exp(cat["teacher_nll"].mean())),
+        }
+
+
+def token_measures(student_logp: torch.Tensor, completion_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> dict:
+    """Per-token fidelity measures from the student's full log-softmax at completion positions.
+
+    student_logp:   [N, V] float32 log-softmax (position t predicts completion token t)
+    completion_ids: [N] the teacher's tokens; topk_ids: [N, k]; topk_logprobs: [N, k]
+    returns dict of [N] numpy arrays: kl, top1, confidence, correct, nll
+    """
+    s_topk = student_logp.gather(-1, topk_ids)
+    best_lp, best = student_logp.max(-1)
+    return {
+        "kl": sparse_kl(topk_logprobs, s_topk).numpy(),
+        "top1": (best == topk_ids[:, 0]).numpy(),
+        "confidence": best_lp.double().exp().numpy(),
+        "correct": (best == completion_ids).numpy(),
+        "nll": (-student_logp.gather(-1, completion_ids[:, None])[:, 0]).double().numpy(),
+    }
+
+
+def _row_chunks(lengths: list[int], vocab: int, batch_rows: int) -> list[list[int]]:
+    """Group rows so each forward holds at most `batch_rows` rows and ~LOGITS_BUDGET logits."""
+    groups, cur, cur_len = [], [], 0
+    for i, n in enumerate(lengths):
+        longest = max(cur_len, n)
+        if cur and (len(cur) >= batch_rows or (len(cur) + 1) * longest * vocab > LOGITS_BUDGET):
+            groups.append(cur)
+            cur, longest = [], n
+        cur.append(i)
+        cur_len = longest
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+@torch.no_grad()
+def score_model(model, dataset, batch_rows: int = 8, limit: int | None = None) -> dict:
+    """Teacher-force `model` on every row of `dataset` (a `kdgen.format.TeacherDataset`).
+
+    Rows are right-padded (positions start at 0 in every row, so causal attention needs no shift).
+    Returns `TokenStats.summary()`: tokens, kl, top1, ece, ppl, teacher_ppl.
+    """
+    stats = TokenStats()
+    device = next(model.parameters()).device
+    vocab_rows = model.get_output_embeddings().weight.shape[0]
+    seen = 0
+    for batch in dataset.iter_batches(batch_rows=max(batch_rows, 64), text=False):
+        rows = list(range(batch.num_rows))
+        if limit is not None:
+            rows = rows[: max(0, limit - seen)]
+        seen += len(rows)
+        full = [np.concatenate([batch.prompt_ids[i], batch.completion_ids[batch.offsets[i] : batch.offsets[i + 1]]]) for i in rows]
+        for group in _row_chunks([len(f) for f in full], vocab_rows, batch_rows):
+            width = max(len(full[j]) for j in group)
+            ids = torch.zeros((len(group), width), dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for r, j in enumerate(group):
+                ids[r, : len(full[j])] = torch.from_numpy(full[j])
+                mask[r, : len(full[j])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+            for r, j in enumerate(group):
+                i = rows[j]
+                a, b = batch.offsets[i], batch.offsets[i + 1]
+                if b == a:
+                    continue
+                p = len(batch.prompt_ids[i])
+                logp = torch.log_softmax(logits[r, p - 1 : p - 1 + (b - a)], dim=-1)  # position t predicts token t+1
+                m = token_measures(
+                    logp,
+                    torch.from_numpy(batch.completion_ids[a:b]),
+                    torch.from_numpy(batch.topk_ids[a:b]),
+                    torch.from_numpy(batch.topk_logprobs[a:b]),
+                )
+                stats.add(**m, teacher_nll=-batch.token_logprobs[a:b].astype(np.float64))
+        if limit is not None and seen >= limit:
+            break
+    return stats.summary()
