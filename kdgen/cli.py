@@ -100,13 +100,14 @@ def ls(root: str = typer.Argument(..., help="Directory or URL holding teacher da
     if not found:
         console.print(f"no teacher datasets under {root}")
         return
-    table = Table("fingerprint", "teacher", "prompts", "rows", "tokens", "k", "size", "created")
+    table = Table("fingerprint", "teacher", "prompts", "rows", "tokens", "k", "size", "created", "by")
     for m in found:
         b = _brief(m)
-        table.add_row(b["fingerprint"], b["teacher"], b["prompts"], f"{b['rows']:,}", f"{b['tokens']:,}", str(b["k"]), _size(b["bytes"]), b["created"])
+        table.add_row(b["fingerprint"], b["teacher"], b["prompts"], f"{b['rows']:,}", f"{b['tokens']:,}", str(b["k"]), _size(b["bytes"]), b["created"], b["created_by"])
     from rich.console import Console
 
-    Console().print(table)
+    # full cells when piped (rich would squeeze the table to 80 columns)
+    Console(width=None if sys.stdout.isatty() else 220).print(table)
 
 
 def _brief(m: dict) -> dict:
@@ -121,6 +122,7 @@ def _brief(m: dict) -> dict:
         "k": m["generation"]["k"],
         "kind": m["generation"]["kind"],
         "created": m.get("created", "?"),
+        "created_by": m.get("created_by", "?"),
     }
 
 

@@ -140,13 +140,14 @@ class Job:
 
 def prepare(cfg: GenerateConfig, kind: str = "generate") -> Job:
     validate(cfg, kind)
+    # prompts first: reading them is cheap, loading the teacher's tokenizer imports transformers
+    prompts, prompt_info = load_prompts(
+        cfg.prompts, cfg.prompt_column, cfg.split, cfg.completion_column if kind == "score" else None, cfg.limit
+    )
     teacher = load_teacher(cfg.teacher, cfg.dtype)
     vocab = teacher.embedding_rows
     if cfg.k > vocab:
         raise KdError(f"--k {cfg.k}: top-k must be between 1 and the teacher vocab ({vocab})")
-    prompts, prompt_info = load_prompts(
-        cfg.prompts, cfg.prompt_column, cfg.split, cfg.completion_column if kind == "score" else None, cfg.limit
-    )
     if prompt_info["duplicates_dropped"]:
         console.print(f"[yellow]note:[/] {prompt_info['duplicates_dropped']} duplicate prompt(s) dropped (identical content)")
     if cfg.chat_template == "always":
@@ -378,6 +379,7 @@ def finalize(fs, dataset_dir: str, core: dict, cfg: GenerateConfig | dict, wall:
         "fingerprint": fmt.fingerprint(core),
         "kdgen_version": kdgen.__version__,
         "created": fmt.now_iso(),
+        "created_by": _who(),
         **{key: core[key] for key in ("teacher", "tokenizer", "generation", "prompts")},
         "encoding": {
             "id_type": str(ids_t),
@@ -407,6 +409,17 @@ def finalize(fs, dataset_dir: str, core: dict, cfg: GenerateConfig | dict, wall:
     if fs.exists(plan):
         fs.rm(plan)
     return manifest
+
+
+def _who() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 def _summary(m: dict) -> str:

