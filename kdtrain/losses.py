@@ -202,17 +202,19 @@ class _FusedSparseKD(torch.autograd.Function):
             ce_sum += ce_tok.detach().sum()
             if not (need_h or need_w):
                 continue
-            # dL/dz = g_lse * softmax(z) + scatter(g at the gathered ids); built in place in z
-            g = z.sub_(lse[:, None]).exp_().mul_(g_lse[:, None])
-            g.scatter_add_(1, lab[:, None], g_lab[:, None])
-            if use_kd:
-                g.scatter_add_(1, ids, g_k)
-            if softcap is not None:
-                g.mul_(1.0 - torch.tanh(raw / softcap).square_())
-            if need_h:
-                grad_h[a:b] = g @ w.float()
-            if need_w:
-                grad_w.addmm_(g.t(), h.float())
+            # dL/dz = g_lse * softmax(z) + scatter(g at the gathered ids); built in place in z.
+            # The gradient GEMMs run in float32 even under autocast (bf16 rounding biases them).
+            with torch.autocast(hidden.device.type, enabled=False):
+                g = z.sub_(lse[:, None]).exp_().mul_(g_lse[:, None])
+                g.scatter_add_(1, lab[:, None], g_lab[:, None])
+                if use_kd:
+                    g.scatter_add_(1, ids, g_k)
+                if softcap is not None:
+                    g.mul_(1.0 - torch.tanh(raw / softcap).square_())
+                if need_h:
+                    grad_h[a:b] = g @ w.float()
+                if need_w:
+                    grad_w.addmm_(g.t(), h.float())
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(kd_sum, ce_sum)
