@@ -6,9 +6,11 @@ one seed per prompt derived from the run seed (recorded in results.json).
 
 Cost measurement, identical for every model of a run:
 * tokens/s = generated tokens / wall time of the generate calls, after a 2-token warm-up;
-* peak memory = on CUDA, `torch.cuda.max_memory_allocated` over load + generation; on CPU, the peak
-  resident set size sampled every 5 ms over load + generation, minus the RSS just before loading
-  (freed memory is first handed back to the OS with `malloc_trim`, so earlier models don't hide it).
+* peak memory = on CUDA, `torch.cuda.max_memory_allocated` over load + generation; on CPU, the
+  kernel's peak resident set size (VmHWM, reset through /proc/self/clear_refs just before loading)
+  minus the RSS at that moment — exact, no sampling; where the reset is not allowed, the RSS is
+  sampled every 5 ms instead. Freed memory is first handed back to the OS with `malloc_trim`, so
+  earlier models of the run don't hide it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,25 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _hwm() -> int:
+    """Peak RSS of this process in bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM")
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _trim() -> None:
     gc.collect()
     try:
@@ -73,8 +94,10 @@ class MemoryMeter:
         self._base = _rss()
         self._max = self._base
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not _reset_hwm():  # fall back to sampling
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -88,8 +111,11 @@ class MemoryMeter:
 
             self.peak = int(torch.cuda.max_memory_allocated() - self._base)
             return
-        self._stop.set()
-        self._thread.join()
+        if self._thread is None:
+            self._max = _hwm()
+        else:
+            self._stop.set()
+            self._thread.join()
         self._max = max(self._max, _rss())
         self.peak = int(self._max - self._base)
 

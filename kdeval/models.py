@@ -74,15 +74,15 @@ def default_name(spec: str) -> str:
 
 def prepare(spec: str, role: str, flag: str) -> EvalModel:
     """Resolve a spec and load its config and tokenizer (not its weights)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from kdgen.teacher import tokenizer_identity
-
     name, spec = split_name(spec)
     try:
         resolved = resolve(spec)
     except KdError as e:
         raise KdError(f"{flag} {spec}: {e}") from None
+    from transformers import AutoConfig, AutoTokenizer  # after resolve: a bad path fails without the import
+
+    from kdgen.teacher import tokenizer_identity
+
     try:
         config = AutoConfig.from_pretrained(resolved.path)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)

@@ -239,6 +239,14 @@ def _samples_md(samples: list[dict]) -> list[str]:
 # kdeval compare
 
 
+def write_json(path: str, obj: dict) -> None:
+    """Temp name then rename: readers never see half a results file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
+    os.replace(tmp, path)
+
+
 def load_results(path: str) -> dict:
     p = Path(path)
     f = p / "results.json" if p.is_dir() else p
@@ -293,8 +301,6 @@ def compare(cfg: CompareConfig) -> str:
     validate_compare(cfg)
     runs = [load_results(p) for p in cfg.runs]
     merged = merge(runs)
-    from kdeval.run import write_json
-
     os.makedirs(cfg.out, exist_ok=True)
     write_json(os.path.join(cfg.out, "results.json"), merged)
     write_report(merged, cfg.out, cfg.samples)

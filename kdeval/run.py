@@ -1,7 +1,7 @@
 """`kdeval run`: score models against a held-out teacher dataset and/or references.
 
-    run(cfg): validate -> open + verify the dataset -> resolve models (config + tokenizer) -> match
-              tokenizers -> prompts + references -> per model: load, generate (timed, metered),
+    run(cfg): validate -> open + verify the dataset -> prompts + references -> resolve models
+              (config + tokenizer) -> match tokenizers -> per model: load, generate (timed, metered),
               fidelity (teacher-forced), quality, size -> samples -> results.json -> REPORT.md + plots
 
 Writes to --out: `results.json` (every model's identity, config, kd_config and the fingerprints it
@@ -13,15 +13,15 @@ Test: `pytest tests/test_kdeval_e2e.py`.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
 
 import kdeval
-from kdeval import fidelity, quality
+from kdeval import quality
 from kdeval.config import FIDELITY_METRICS, METRICS, QUALITY_METRICS, EvalConfig, validate_eval
 from kdeval.models import EvalModel, count_parameters, load_weights, prepare, size_on_disk, unique_names
+from kdeval.report import write_json, write_report
 from kdgen.backends import SamplingConfig, engine_version
 from kdgen.errors import KdError
 from kdgen.format import TeacherDataset, canonical_json, now_iso, sha256_hex
@@ -161,8 +161,10 @@ def evaluate_model(m: EvalModel, cfg: EvalConfig, ds: TeacherDataset | None, es:
     note = None
     if ds is not None and cfg.fidelity and any(x in FIDELITY_METRICS for x in wanted):
         if m.matches_dataset:
+            from kdeval.fidelity import score_model
+
             with status(f"{m.name}: teacher-forced fidelity on {ds.fingerprint}"):
-                fid = fidelity.score_model(hf_model, ds, cfg.batch_size, cfg.limit)
+                fid = score_model(hf_model, ds, cfg.batch_size, cfg.limit)
             metrics["tokens"] = fid["tokens"]
             metrics["teacher_ppl"] = fid.get("teacher_ppl")
             metrics.update({k: fid.get(k) for k in FIDELITY_METRICS if k in wanted})
@@ -188,9 +190,9 @@ def run(cfg: EvalConfig) -> str:
     t0 = time.perf_counter()
     validate_eval(cfg)
     ds = open_dataset(cfg)
-    with status("resolving models and reading prompts"):
+    with status("reading prompts and references, resolving models"):
+        es = build_eval_set(cfg, ds)  # before the models: bad prompt/reference files fail fast
         models = prepare_models(cfg, ds)
-        es = build_eval_set(cfg, ds)
     if not es.references and not any(m.role == "teacher" for m in models):
         raise KdError("no references: give --references FILE, --data (its teacher completions), or --teacher")
     os.makedirs(cfg.out, exist_ok=True)
@@ -242,8 +244,6 @@ def run(cfg: EvalConfig) -> str:
         ],
     }
     write_json(os.path.join(cfg.out, RESULTS), results)
-    from kdeval.report import write_report
-
     write_report(results, cfg.out, cfg.samples)
     console.print(f"[green]done:[/] {len(entries)} model(s) on {len(es.prompts)} prompts -> {cfg.out}/REPORT.md")
     return cfg.out
@@ -272,11 +272,3 @@ def _brief(e: dict) -> str:
     parts = [f"{k}={m[k]:.4g}" for k in ("kl", "top1", "ece", "ppl") if m.get(k) is not None]
     parts.append(f"{c['params'] / 1e6:.2f}M params, {c['tokens_per_s']:.1f} tok/s")
     return ", ".join(parts)
-
-
-def write_json(path: str, obj: dict) -> None:
-    """Temp name then rename: readers never see half a results file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp, path)

@@ -25,7 +25,7 @@ def world(tmp_path_factory, tokenizer):
     tmp = tmp_path_factory.mktemp("kdeval-world")
     teacher = build_peaked_model(tmp / "teacher", tokenizer, seed=0)
     prompts = write_prompts(tmp / "prompts.jsonl")
-    url = run(GenerateConfig(prompts=prompts, out=str(tmp / "ds"), teacher=teacher, backend="hf", max_new_tokens=16, k=8, temperature=0.0), "generate")
+    url = run(GenerateConfig(prompts=prompts, out=str(tmp / "ds"), teacher=teacher, backend="hf", max_new_tokens=10, k=8, temperature=0.0), "generate")
     near = perturb(teacher, tmp / "near", noise=0.02)
     far = build_peaked_model(tmp / "far", tokenizer, seed=1)
     # a training log, as kdtrain/TRL leave it, so the loss-curve plot has something to draw
@@ -129,12 +129,11 @@ def test_compare_writes_report_plots_and_results(evaluated, world, tmp_path):
     refs = tmp_path / "refs.jsonl"
     refs.write_text("".join(json.dumps({"reference": f"answer number {i}"}) + "\n" for i in range(6)))
     out_b = tmp_path / "eval-b"
-    proc = kdeval_cli(
-        "run", "--model", world["near"], "--baseline", world["far"], "--prompts", world["prompts"], "--references", str(refs),
-        "--metrics", "rouge,bleu,cost", "--max-new-tokens", "8", "--out", str(out_b),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(out_b)
+    from kdeval.config import EvalConfig
+    from kdeval.run import run
+
+    cfg = EvalConfig(models=[world["near"]], baselines=[world["far"]], prompts=world["prompts"], references=str(refs), metrics=["rouge", "bleu", "cost"], max_new_tokens=8, out=str(out_b))
+    assert run(cfg) == str(out_b)
     b = json.loads((out_b / "results.json").read_text())
     assert b["eval_set"]["references"] == f"file {refs}"
     assert [m["role"] for m in b["models"]] == ["student", "baseline"]
@@ -171,8 +170,10 @@ def test_dataset_tokenizer_matching_no_model(world, tmp_path):
     proc = kdeval_cli("run", "--model", str(other), "--data", world["data"], "--out", str(tmp_path / "o"))
     assert_user_error(proc, "matches none of the models", "--no-fidelity")
     # quality against the dataset's completions still works for it
-    proc = kdeval_cli("run", "--model", str(other), "--data", world["data"], "--no-fidelity", "--max-new-tokens", "4", "--limit", "2", "--out", str(tmp_path / "o"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from kdeval.config import EvalConfig
+    from kdeval.run import run
+
+    run(EvalConfig(models=[str(other)], data=world["data"], fidelity=False, max_new_tokens=4, limit=2, out=str(tmp_path / "o")))
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["models"][0]["tokenizer_matches_dataset"] is False and "rougeL" in res["models"][0]["metrics"]
     assert res["eval_set"]["prompts"] == 2
