@@ -25,10 +25,10 @@ from kdgen.format import now_iso
 
 # (key, header, where it lives, higher is better, format)
 COLUMNS = [
-    ("kl", "KL(t‖s) ↓", "metrics", False, "{:.4f}"),
+    ("kl", "KL(t‖s) ↓", "metrics", False, "{:.4g}"),
     ("top1", "top-1 agree ↑", "metrics", True, "{:.3f}"),
     ("ece", "ECE ↓", "metrics", False, "{:.3f}"),
-    ("ppl", "PPL ↓", "metrics", False, "{:.2f}"),
+    ("ppl", "PPL ↓", "metrics", False, "{:.4g}"),
     ("rouge1", "ROUGE-1 ↑", "metrics", True, "{:.3f}"),
     ("rouge2", "ROUGE-2 ↑", "metrics", True, "{:.3f}"),
     ("rougeL", "ROUGE-L ↑", "metrics", True, "{:.3f}"),
@@ -56,12 +56,13 @@ def _fmt(key: str, fmt: str | None, v: float) -> str:
 def table(models: list[dict]) -> str:
     """Markdown table, models x metrics; the best value among non-teacher models in bold."""
     cols = [c for c in COLUMNS if any(value(m, c[0], c[2]) is not None for m in models)]
-    best = {}
-    for key, _, where, higher, fmt in cols:
-        vals = [value(m, key, where) for m in models if m["role"] != "teacher"]
-        vals = [v for v in vals if v is not None]
-        if len(vals) > 1 and len({_fmt(key, fmt, v) for v in vals}) > 1:  # all equal: nothing to single out
-            best[key] = max(vals) if higher else min(vals)
+    best = {}  # (eval set, column) -> best value: models are only ranked against the same prompts and data
+    for group in {m.get("eval_key") for m in models}:
+        members = [m for m in models if m.get("eval_key") == group and m["role"] != "teacher"]
+        for key, _, where, higher, fmt in cols:
+            vals = [v for v in (value(m, key, where) for m in members) if v is not None]
+            if len(vals) > 1 and len({_fmt(key, fmt, v) for v in vals}) > 1:  # all equal: nothing to single out
+                best[group, key] = max(vals) if higher else min(vals)
     lines = ["| model | role | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for m in models:
         cells = []
@@ -71,7 +72,8 @@ def table(models: list[dict]) -> str:
                 cells.append("–")
                 continue
             text = _fmt(key, fmt, v)
-            bold = m["role"] != "teacher" and key in best and _fmt(key, fmt, best[key]) == text
+            b = best.get((m.get("eval_key"), key))
+            bold = m["role"] != "teacher" and b is not None and _fmt(key, fmt, b) == text
             cells.append(f"**{text}**" if bold else text)
         lines.append(f"| {m['name']} | {m['role']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -104,6 +106,8 @@ def plot_metrics(models: list[dict], path: str) -> bool:
     for ax, (key, header, where, _, _) in zip(axes.flat, cols):
         vals = [value(m, key, where) for m in models]
         ax.bar(range(len(models)), [v if v is not None else 0 for v in vals], color=colours)
+        if key == "ppl" and all(v is None or v > 0 for v in vals):
+            ax.set_yscale("log")  # perplexities of untrained and trained models differ by orders of magnitude
         ax.set_title(header, fontsize=9)
         ax.set_xticks(range(len(models)), names, rotation=30, ha="right", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
@@ -199,7 +203,7 @@ def write_report(results: dict, out: str, samples: int = 3) -> list[str]:
         "",
         table(models),
         "",
-        "Best value among students and baselines in **bold**. KL is the sparse KL(teacher ‖ student) per token "
+        "Best value among the students and baselines scored on the same prompts and data in **bold**. KL is the sparse KL(teacher ‖ student) per token "
         "over the teacher's top-k plus a tail bucket; top-1 agree: student argmax = teacher argmax; ECE: calibration "
         "of the student's top-1 against the teacher's tokens (15 bins); PPL: student perplexity on the teacher's "
         "completions. ROUGE: mean F-measure (rouge_score); BLEU: sacrebleu corpus BLEU. Speed and memory are "
@@ -274,7 +278,7 @@ def merge(runs: list[dict]) -> dict:
         for m in r["models"]:
             key = (m.get("weights_hash"), fp)
             if key not in kept:
-                new = {**m, "run": i}
+                new = {**m, "run": i, "eval_key": "|".join(map(str, fp))}
                 if new["name"] in names:
                     new["name"] = f"{m['name']}@{Path(r['path']).name or i}"
                 names.add(new["name"])
