@@ -3,6 +3,7 @@
     kdtrain run --data ds/<fp> --student <spec> --mode logit --loss fkl --out runs/s1
     kdtrain run --config skew_kl --data ds/<fp> --init-from-teacher 0,4,8 lr=1e-4
     accelerate launch --num_processes 2 -m kdtrain run ...
+    kdtrain map-report --data ds/<fp> --student gemma3-270m   # cross-tokenizer mapping, before training
     kdtrain recipes                                   # list the shipped YAML recipes
 
 The flags of `run` are generated from `kdtrain.config.TrainConfig` (one flag per field, its help
@@ -80,6 +81,27 @@ _run.__signature__ = inspect.Signature(
     ]
 )
 app.command("run")(_run)
+
+
+@app.command("map-report")
+def map_report(
+    data: str = typer.Option(..., "--data", help="Teacher dataset directory or URL (ROOT/<fingerprint>)."),
+    student: str = typer.Option(..., "--student", help="Student model spec or checkpoint directory (only its tokenizer is loaded)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help=TrainConfig.help("teacher")),
+    out: str = typer.Option("map_report.json", "--out", help="Where to write the JSON report."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Measure only the first N rows."),
+    vocab_match: str = typer.Option("prefix", "--vocab-match", help=TrainConfig.help("vocab_match")),
+    warn_below: float = typer.Option(0.8, "--warn-below", help="Warn when less than this share of the teacher's top-k mass maps onto student ids."),
+) -> None:
+    """How well a teacher dataset maps onto a student's tokenizer (cross-tokenizer KD), before training."""
+    from kdtrain.map_report import run_report
+    from kdtrain.vocab_map import VOCAB_MATCH
+
+    if vocab_match not in VOCAB_MATCH:
+        raise KdError(f"--vocab-match {vocab_match}: choose {' or '.join(VOCAB_MATCH)}")
+    if limit is not None and limit < 1:
+        raise KdError(f"--limit {limit}: must be >= 1")
+    run_report(data, student, teacher, out, limit, vocab_match, warn_below)
 
 
 @app.command()

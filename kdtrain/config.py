@@ -22,6 +22,7 @@ import yaml
 
 from kdgen.errors import ConfigError, KdError, collect
 from kdtrain.losses import DIVERGENCES, TAILS, SparseKD
+from kdtrain.vocab_map import VOCAB_MATCH
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 MODES = ("logit", "text")
@@ -52,7 +53,10 @@ class TrainConfig:
     alpha: float = _f(0.1, "Skew weight of skl/srkl, in [0, 1): KL(p || a*p + (1-a)*q) (DistiLLM).")
     beta: float = _f(0.5, "JSD interpolation weight, in (0, 1): m = b*teacher + (1-b)*student.")
     kd_weight: float = _f(1.0, "Weight of the soft (KD) loss (logit mode).")
-    ce_weight: float = _f(0.0, "Weight of the hard loss: cross-entropy on the teacher's sampled tokens (logit mode; text mode always uses 1).")
+    ce_weight: float = _f(0.0, "Weight of the hard loss: cross-entropy on the teacher's sampled tokens (logit mode; text mode always uses 1). With a different student tokenizer: on the student's re-tokenisation of the teacher's text.")
+    # cross-tokenizer logit KD (a student whose tokenizer differs from the teacher's)
+    chunk_ll_weight: float = _f(0.5, "Cross-tokenizer only: weight of the chunk-likelihood term, the divergence between the teacher's and the student's log-prob of each aligned chunk as {chunk, rest} (ALM, Minixhofer et al. 2025). --kd-weight weighs the sparse KD at chunk starts (mapped top-k + residual bucket), --ce-weight the student's cross-entropy.")
+    vocab_match: str = _f("prefix", "Cross-tokenizer only: how teacher ids map to student ids by bytes. exact: identical bytes only; prefix: else the longest student token the teacher token starts with. Unmapped mass joins the residual bucket.")
     chunk_size: int = _f(0, "Tokens per LM-head chunk in the loss (0 = auto: about 128 MB of float32 logits per chunk).")
     # sequences
     max_length: int | None = _f(None, "Longest prompt+completion in tokens. Default: the student's context length.")
@@ -126,8 +130,12 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--beta {cfg.beta}: JSD weight must be in (0, 1)")
     if cfg.kd_weight < 0 or cfg.ce_weight < 0:
         p.append(f"--kd-weight {cfg.kd_weight} / --ce-weight {cfg.ce_weight}: weights must be >= 0")
-    if cfg.mode == "logit" and cfg.kd_weight == 0 and cfg.ce_weight == 0:
-        p.append("--kd-weight and --ce-weight are both 0: nothing to train on")
+    if cfg.chunk_ll_weight < 0:
+        p.append(f"--chunk-ll-weight {cfg.chunk_ll_weight}: must be >= 0")
+    if cfg.mode == "logit" and cfg.kd_weight == 0 and cfg.ce_weight == 0 and cfg.chunk_ll_weight == 0:
+        p.append("--kd-weight, --ce-weight and --chunk-ll-weight are all 0: nothing to train on")
+    if cfg.vocab_match not in VOCAB_MATCH:
+        p.append(f"--vocab-match {cfg.vocab_match}: choose {' or '.join(VOCAB_MATCH)}")
     if cfg.overflow not in OVERFLOW:
         p.append(f"--overflow {cfg.overflow}: choose {' or '.join(OVERFLOW)}")
     for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "lora_r"):

@@ -42,13 +42,19 @@ states through the LM head ``chunk`` tokens at a time, and computes the gradient
 states and of the head weight inside the forward pass (one [chunk, V] tile alive at a time, no
 recomputation in the backward; the same trick as Liger's fused linear cross-entropy).
 
-Test: ``pytest tests/test_kdtrain_losses.py`` (every divergence against a dense reference).
+Cross-tokenizer KD adds `span_likelihood`: the teacher's and the student's log-prob of the same
+text span (an alignment chunk, `kdtrain.align`) as two-bucket distributions, compared with the same
+divergence; `fused_kd_losses` computes it inside the same LM-head pass.
+
+Test: ``pytest tests/test_kdtrain_losses.py`` (every divergence against a dense reference),
+``tests/test_kdtrain_crosstok.py`` (residual bucket and span term against dense references).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -152,8 +158,48 @@ def sparse_kd_per_token(
     return divergence(t, s, spec.loss, spec.alpha, spec.beta) * spec.temperature**2
 
 
+def span_likelihood(student_token_logprobs: Tensor, span_ids: Tensor, span_logprobs: Tensor, spec: SparseKD) -> Tensor:
+    """Per-span loss between the teacher's and the student's likelihood of the same text span.
+
+    Cross-tokenizer KD (ALM, Minixhofer et al. 2025): a span (chunk) is text both tokenizations
+    cut at the same bytes; the teacher's log-prob of it is the sum of its token log-probs, the
+    student's the sum over its own tokens. Each side becomes a two-bucket distribution
+    {the span, anything else} — `bucket_logprobs` with k = 1 — and the configured divergence
+    compares them (tempered like the token buckets, scaled by T^2).
+
+    student_token_logprobs: [n] student log-prob of each position's label (differentiable).
+    span_ids: [n] span index per position, -1 = none. span_logprobs: [C] teacher span log-probs.
+    returns: [U] one loss per span present in span_ids.
+    """
+    keep = span_ids >= 0
+    if not keep.any():
+        return student_token_logprobs.new_zeros(0)
+    spans, inverse = torch.unique(span_ids[keep], return_inverse=True)
+    s = student_token_logprobs.new_zeros(len(spans)).index_add(0, inverse, student_token_logprobs[keep])
+    t = span_logprobs[spans].to(s.dtype)
+    return sparse_kd_per_token(s[:, None], t[:, None], replace(spec, tail="bucket"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Fused with the LM head
+
+
+def _tiles(n: int, chunk: int, span_ids: Tensor | None):
+    """[a, b) tiles of about `chunk` positions; with span_ids, never cutting through a span."""
+    if span_ids is None:
+        yield from ((a, min(a + chunk, n)) for a in range(0, n, chunk))
+        return
+    ids = span_ids.detach().cpu()
+    cut_ok = torch.ones(n + 1, dtype=torch.bool)  # cut_ok[p]: a tile may end before position p
+    cut_ok[1:n] = (ids[1:] < 0) | (ids[1:] != ids[:-1])
+    cuts = torch.nonzero(cut_ok).flatten().tolist()
+    a = 0
+    while a < n:
+        want = min(a + chunk, n)
+        i = bisect.bisect_right(cuts, want) - 1
+        b = cuts[i] if cuts[i] > a else cuts[bisect.bisect_right(cuts, a)]
+        yield a, b
+        a = b
 
 
 def auto_chunk(vocab: int, chunk: int = 0) -> int:
@@ -165,17 +211,18 @@ class _FusedSparseKD(torch.autograd.Function):
     """See `fused_sparse_kd`. Gradients are computed in the forward and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, chunk, softcap):
+    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, chunk, softcap, span_ids, span_logprobs, span_weight):
         n_tok, vocab = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        span_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         use_kd = kd_weight != 0.0 and topk_ids.shape[-1] > 0
+        use_span = span_ids is not None and span_weight != 0.0
         w = weight
-        for a in range(0, n_tok, chunk):
-            b = min(a + chunk, n_tok)
+        for a, b in _tiles(n_tok, chunk, span_ids if use_span else None):
             h = hidden[a:b]
             z = (h @ w.to(h.dtype).t()).float()  # [n, V]
             if softcap is not None:
@@ -195,8 +242,13 @@ class _FusedSparseKD(torch.autograd.Function):
                     zk_l = z.gather(1, ids).detach().requires_grad_(True)
                     kd_tok = sparse_kd_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], spec)
                     total = total + kd_weight * kd_tok.sum()
-                    g_lse, g_lab, g_k = torch.autograd.grad(total, (lse_l, zl_l, zk_l))
                     kd_sum += kd_tok.detach().sum()
+                if use_span:
+                    span_tok = span_likelihood(-ce_tok, span_ids[a:b], span_logprobs, spec)
+                    total = total + span_weight * span_tok.sum()
+                    span_sum += span_tok.detach().sum()
+                if use_kd:
+                    g_lse, g_lab, g_k = torch.autograd.grad(total, (lse_l, zl_l, zk_l))
                 else:
                     g_lse, g_lab = torch.autograd.grad(total, (lse_l, zl_l))
             ce_sum += ce_tok.detach().sum()
@@ -217,17 +269,17 @@ class _FusedSparseKD(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h.float())
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(kd_sum, ce_sum)
-        total = ce_weight * ce_sum + kd_weight * kd_sum
-        return total, kd_sum, ce_sum
+        ctx.mark_non_differentiable(kd_sum, ce_sum, span_sum)
+        total = ce_weight * ce_sum + kd_weight * kd_sum + (span_weight * span_sum if use_span else 0.0)
+        return total, kd_sum, ce_sum, span_sum
 
     @staticmethod
-    def backward(ctx, grad_total, _g_kd, _g_ce):
+    def backward(ctx, grad_total, _g_kd, _g_ce, _g_span):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         gh = (grad_h * grad_total).to(h_dtype) if grad_h is not None else None
         gw = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_sparse_kd(
@@ -253,7 +305,34 @@ def fused_sparse_kd(
     returns: (ce_weight * ce_sum + kd_weight * kd_sum, kd_sum, ce_sum) — scalar sums over tokens;
              only the first carries gradient. Divide by the token count outside.
     """
+    return fused_kd_losses(hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, chunk, softcap)[:3]
+
+
+def fused_kd_losses(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    spec: SparseKD,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    chunk: int = 0,
+    softcap: float | None = None,
+    span_ids: Tensor | None = None,
+    span_logprobs: Tensor | None = None,
+    span_weight: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`fused_sparse_kd` plus the span-likelihood term of cross-tokenizer KD (`span_likelihood`).
+
+    span_ids:      [N] span (chunk) index of each position, -1 = in no span; a span's positions
+                   are contiguous (LM-head tiles are cut between spans, so each span's summed
+                   log-prob is complete inside one tile).
+    span_logprobs: [C] the teacher's log-prob of each span.
+    returns: (total, kd_sum, ce_sum, span_sum); total = ce_weight*ce + kd_weight*kd + span_weight*span.
+    """
     chunk = auto_chunk(weight.shape[0], chunk)
     return _FusedSparseKD.apply(
-        hidden, weight, labels, topk_ids, topk_logprobs, spec, float(ce_weight), float(kd_weight), chunk, softcap
+        hidden, weight, labels, topk_ids, topk_logprobs, spec, float(ce_weight), float(kd_weight), chunk, softcap,
+        span_ids, span_logprobs, float(span_weight),
     )

@@ -1,7 +1,8 @@
 """`kdtrain run`: teacher dataset(s) in, a trained student (standard HF checkpoint) out.
 
     run(cfg): validate -> open + verify datasets -> build student -> tokenizer checks
-              -> examples (truncate / refuse) -> KDTrainer -> train (resume from the newest
+              -> examples (truncate / refuse; a different student tokenizer: cross-tokenizer
+                 examples, `kdtrain.crosstok`) -> KDTrainer -> train (resume from the newest
               checkpoint in --out) -> save the final checkpoint (LoRA merged) + kd_config.json
 
 Every checkpoint (checkpoint-N/ and the final one at --out) carries `kd_config.json`: the resolved
@@ -23,19 +24,20 @@ from kdgen.progress import console, quiet
 from kdtrain import __version__
 from kdtrain.config import TrainConfig, validate
 from kdtrain.data import KDCollator, TeacherData, logit_examples, open_teacher_data, same_tokenizer, text_examples, to_hf_dataset
-from kdtrain.student import Student, build_student
+from kdtrain.crosstok import CrossKDCollator, CrossTok, crosstok_examples, load_teacher_tokenizer
+from kdtrain.student import Student, build_student, teacher_spec
 from kdtrain.trainer import KDLoss, KDTrainer, write_kd_config
 
 
 def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> bool:
-    """Whether the tokenizers match; KdError where logit KD cannot work."""
-    tok = data.manifest["tokenizer"]
+    """Whether the tokenizers match; KdError where the student cannot embed its own tokens."""
     same = same_tokenizer(data.manifest, student.tokenizer, student.embedding_rows)
-    if cfg.mode == "logit" and not same:
+    if cfg.mode == "logit" and same and cfg.kd_weight == 0 and cfg.ce_weight == 0:
+        raise KdError("--kd-weight and --ce-weight are both 0: nothing to train on (--chunk-ll-weight applies only to a student with a different tokenizer)")
+    if not same and cfg.mode == "logit" and student.embedding_rows < len(student.tokenizer):
         raise KdError(
-            f"--mode logit needs the teacher's tokenizer, but the student's differs (teacher {tok.get('class')} with "
-            f"{tok['tokenizer_size']:,} tokens, student {type(student.tokenizer).__name__} with {len(student.tokenizer):,}); "
-            f"use --mode text (SFT on the teacher's text works for any tokenizer pair) until vocabulary mapping exists"
+            f"the student has {student.embedding_rows:,} embedding rows but its tokenizer has {len(student.tokenizer):,} "
+            f"tokens; resize the student's embeddings first"
         )
     if same and student.embedding_rows < len(student.tokenizer):
         raise KdError(
@@ -43,6 +45,13 @@ def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> b
             f"tokens; resize the student's embeddings first"
         )
     return same
+
+
+def build_crosstok(cfg: TrainConfig, data: TeacherData, student: Student) -> CrossTok:
+    """The teacher's tokenizer (--teacher, else the manifest's path) and the vocabulary map."""
+    teacher_tok = load_teacher_tokenizer(teacher_spec(cfg, data.manifest), data.manifest)
+    rows = data.manifest["tokenizer"].get("embedding_rows")
+    return CrossTok.build(teacher_tok, student.tokenizer, cfg.vocab_match, rows)
 
 
 def fit_length(cfg: TrainConfig, student: Student) -> int:
@@ -119,8 +128,18 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
     student = build_student(cfg, data.manifest)
     same = check_tokenizers(cfg, data, student)
     max_length = fit_length(cfg, student)
-    if cfg.mode == "logit":
+    cross = None
+    if cfg.mode == "logit" and same:
         prepared = logit_examples(data, max_length, cfg.overflow, student.embedding_rows, cfg.limit)
+    elif cfg.mode == "logit":
+        cross = build_crosstok(cfg, data, student)
+        summary = cross.vmap.summary(cross.teacher)
+        say(
+            f"cross-tokenizer KD: teacher vocab {summary['teacher_vocab']:,} -> student {cross.student.size:,}: "
+            f"{summary['exact']:,} ids exact, {summary['prefix']:,} via prefix, {summary['none']:,} unmapped "
+            f"(`kdtrain map-report` measures the mapped mass on the data)"
+        )
+        prepared = crosstok_examples(data, cross, max_length, cfg.overflow, cfg.limit)
     else:
         prepared = text_examples(data, student.tokenizer, same, max_length, cfg.overflow, cfg.limit)
     for note in prepared.notes:
@@ -140,16 +159,18 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         "max_length": max_length,
         "examples": {"rows": prepared.num_rows, "tokens": prepared.num_tokens, "truncated": prepared.truncated, "dropped": prepared.dropped},
     }
-    kd_loss = (
-        KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.chunk_size)
-        if cfg.mode == "logit"
-        else KDLoss(cfg.sparse_kd(), 1.0, 0.0, cfg.chunk_size)
-    )
+    if cross is not None:
+        record["crosstok"] = {"vocab_map": cross.vmap.summary(cross.teacher), "vocab_match": cfg.vocab_match, **prepared.stats}
+    if cfg.mode == "logit":
+        kd_loss = KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.chunk_size, cfg.chunk_ll_weight if cross else 0.0)
+    else:
+        kd_loss = KDLoss(cfg.sparse_kd(), 1.0, 0.0, cfg.chunk_size)
+    collator_cls = CrossKDCollator if cross is not None else KDCollator
     return KDTrainer(
         model=student.model,
         args=training_args(cfg),
         train_dataset=to_hf_dataset(prepared),
-        data_collator=KDCollator(prepared, tok.pad_token_id, with_topk=cfg.mode == "logit"),
+        data_collator=collator_cls(prepared, tok.pad_token_id, with_topk=cfg.mode == "logit"),
         processing_class=tok,
         peft_config=lora_config(cfg),
         callbacks=callbacks,

@@ -7,11 +7,12 @@ resume, `report_to` — is SFTTrainer's. What this adds:
   `model(input_ids, attention_mask, kd_targets={...})` runs the backbone and returns the loss sums
   from `kdtrain.losses.fused_sparse_kd` (the loss is computed inside forward, so DDP/FSDP see a
   normal forward). Without `kd_targets` the forward is unchanged (generation, saving).
-* `compute_loss`: (ce_weight * ce_sum + kd_weight * kd_sum) / num_items_in_batch, where
+* `compute_loss`: (ce_weight * ce_sum + kd_weight * kd_sum [+ span_weight * span_sum]) / num_items_in_batch, where
   num_items_in_batch counts the label tokens of the whole optimizer step (every micro-batch and
   every process), so gradient accumulation and data parallelism give the loss of the big batch.
-  In text mode the same path runs with kd_weight = 0 and ce_weight = 1.
-* logs `ce`, `kd`, `total` (per-token means over the logging window) and `tokens_per_s`
+  In text mode the same path runs with kd_weight = 0 and ce_weight = 1. With a cross-tokenizer
+  batch (`chunk_ids` from `kdtrain.crosstok.CrossKDCollator`) the chunk-likelihood sum joins in.
+* logs `ce`, `kd`, `chunk` (cross-tokenizer only), `total` (per-token means over the logging window) and `tokens_per_s`
   (sequence tokens, prompts included, per wall second, all processes).
 * writes `kd_config.json` into every checkpoint.
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from trl import SFTTrainer
 
-from kdtrain.losses import SparseKD, fused_sparse_kd
+from kdtrain.losses import SparseKD, fused_kd_losses
 
 KD_CONFIG = "kd_config.json"
 
@@ -43,6 +44,7 @@ class KDLoss:
     ce_weight: float
     kd_weight: float
     chunk_size: int = 0
+    span_weight: float = 0.0  # chunk-likelihood term (cross-tokenizer batches only)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class KDOutput:
     kd_sum: torch.Tensor  # scalar sums over the scored tokens (no grad)
     ce_sum: torch.Tensor
     n_tokens: torch.Tensor
+    span_sum: torch.Tensor | None = None  # chunk-likelihood sum (cross-tokenizer batches)
 
 
 def attach_kd_head(model, loss: KDLoss) -> None:
@@ -80,10 +83,15 @@ def attach_kd_head(model, loss: KDLoss) -> None:
         else:
             ids = torch.zeros((h.shape[0], 0), dtype=torch.long, device=h.device)
             lps = torch.zeros((h.shape[0], 0), dtype=torch.float32, device=h.device)
-        total, kd_sum, ce_sum = fused_sparse_kd(
-            h, weight, labels[mask].to(h.device), ids, lps, loss.spec, loss.ce_weight, loss.kd_weight, loss.chunk_size, softcap
+        span_ids = span_lps = None
+        if "chunk_ids" in kd_targets and loss.span_weight:
+            span_ids = kd_targets["chunk_ids"][:, 1:][mask].to(h.device)
+            span_lps = kd_targets["chunk_logprobs"].reshape(-1).float().to(h.device)
+        total, kd_sum, ce_sum, span_sum = fused_kd_losses(
+            h, weight, labels[mask].to(h.device), ids, lps, loss.spec, loss.ce_weight, loss.kd_weight, loss.chunk_size, softcap,
+            span_ids, span_lps, loss.span_weight,
         )
-        return KDOutput(total, kd_sum, ce_sum, mask.sum())
+        return KDOutput(total, kd_sum, ce_sum, mask.sum(), span_sum)
 
     model.forward = types.MethodType(forward, model)
 
@@ -97,11 +105,11 @@ class KDTrainer(SFTTrainer):
         self.kd_record = kd_record or {}
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         attach_kd_head(base, kd_loss)
-        self._kd_acc = torch.zeros(4, dtype=torch.float64)  # kd_sum, ce_sum, label tokens, sequence tokens
+        self._kd_acc = torch.zeros(5, dtype=torch.float64)  # kd_sum, ce_sum, label tokens, sequence tokens, span_sum
         self._kd_clock: float | None = None  # started by the first training micro-batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs") if k in inputs}
+        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "chunk_ids", "chunk_logprobs") if k in inputs}
         out: KDOutput = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_targets=targets)
         denom = out.n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = out.total / denom
@@ -112,7 +120,13 @@ class KDTrainer(SFTTrainer):
             if self._kd_clock is None:
                 self._kd_clock = time.perf_counter()
             self._kd_acc += torch.stack(
-                [out.kd_sum.detach().double().cpu(), out.ce_sum.detach().double().cpu(), out.n_tokens.double().cpu(), inputs["attention_mask"].sum().double().cpu()]
+                [
+                    out.kd_sum.detach().double().cpu(),
+                    out.ce_sum.detach().double().cpu(),
+                    out.n_tokens.double().cpu(),
+                    inputs["attention_mask"].sum().double().cpu(),
+                    (out.span_sum if out.span_sum is not None else out.kd_sum.new_zeros(())).detach().double().cpu(),
+                ]
             )
         return (loss, out) if return_outputs else loss
 
@@ -124,7 +138,10 @@ class KDTrainer(SFTTrainer):
             kd, ce = acc[0].item() / n, acc[1].item() / n
             logs["kd"] = round(kd, 6)
             logs["ce"] = round(ce, 6)
-            logs["total"] = round(self.kd_loss.ce_weight * ce + self.kd_loss.kd_weight * kd, 6)
+            span = acc[4].item() / n
+            if self.kd_loss.span_weight:
+                logs["chunk"] = round(span, 6)
+            logs["total"] = round(self.kd_loss.ce_weight * ce + self.kd_loss.kd_weight * kd + self.kd_loss.span_weight * span, 6)
             logs["tokens_per_s"] = round(acc[3].item() / max(now - (self._kd_clock or now), 1e-9), 1)
             self._kd_acc.zero_()
             self._kd_clock = now
