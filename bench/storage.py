@@ -80,11 +80,9 @@ def kd_v1(rows, k: int, vocab: int) -> tuple[int, float, float]:
                 r.topk_ids[:, :k], r.topk_logprobs[:, :k], r.finish_reason)
         for r in rows
     ]
-    table = fmt.rows_to_table(cut, vocab, k)
-    size = parquet_bytes(table, **fmt.PARQUET_OPTIONS)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **fmt.PARQUET_OPTIONS)
-    back = fmt.decode_table(pq.read_table(pa.BufferReader(sink.getvalue())), k)
+    data = fmt.parquet_bytes(fmt.rows_to_table(cut, vocab, k))
+    size = len(data)
+    back = fmt.decode_table(pq.read_table(pa.BufferReader(data)), k)
     raw_topk = np.concatenate([r.topk_logprobs for r in cut])
     raw_tok = np.concatenate([r.token_logprobs for r in cut])
     return size, float(np.abs(back.topk_logprobs - raw_topk).max()), float(np.abs(back.token_logprobs - raw_tok).max())
@@ -112,12 +110,78 @@ def generate_rows(n_prompts: int, max_new: int, kmax: int):
     return rows, teacher.embedding_rows
 
 
+def save_rows(path: Path, rows, vocab: int) -> None:
+    """Cache the generated rows (npz + json; no pickle) so layouts can be compared again cheaply."""
+    meta = [{"id": r.id, "messages": r.messages, "prompt": r.prompt, "prompt_ids": list(map(int, r.prompt_ids)),
+             "completion": r.completion, "finish_reason": r.finish_reason, "T": len(r.completion_ids)} for r in rows]
+    np.savez_compressed(
+        path.with_suffix(".npz"),
+        completion_ids=np.concatenate([np.asarray(r.completion_ids) for r in rows]),
+        token_logprobs=np.concatenate([r.token_logprobs for r in rows]),
+        topk_ids=np.concatenate([r.topk_ids for r in rows]),
+        topk_logprobs=np.concatenate([r.topk_logprobs for r in rows]),
+    )
+    path.with_suffix(".json").write_text(json.dumps({"vocab": vocab, "rows": meta}))
+
+
+def load_rows(path: Path):
+    from kdgen import format as fmt
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    arr = np.load(path.with_suffix(".npz"))
+    rows, at = [], 0
+    for m in meta["rows"]:
+        t = m["T"]
+        rows.append(fmt.Row(m["id"], m["messages"], m["prompt"], m["prompt_ids"], m["completion"],
+                            arr["completion_ids"][at:at + t].tolist(), arr["token_logprobs"][at:at + t],
+                            arr["topk_ids"][at:at + t], arr["topk_logprobs"][at:at + t], m["finish_reason"]))
+        at += t
+    return rows, meta["vocab"]
+
+
+def codec_variants(rows, vocab: int, k: int = 20) -> dict:
+    """Why the shipped settings: top-k columns under each codec, with raw ids vs frequency codes;
+    bytes/token of the whole shard and single-thread read+decode speed."""
+    import time
+
+    from kdgen import format as fmt
+
+    tokens = sum(len(r.completion_ids) for r in rows)
+    cut = [fmt.Row(r.id, r.messages, r.prompt, r.prompt_ids, r.completion, r.completion_ids, r.token_logprobs,
+                   r.topk_ids[:, :k], r.topk_logprobs[:, :k], r.finish_reason) for r in rows]
+    shipped = fmt.rows_to_table(cut, vocab, k)
+    raw_ids = shipped.set_column(
+        shipped.schema.get_field_index("topk_ids"), shipped.schema.field("topk_ids"),
+        pa.array([r.topk_ids.reshape(-1) for r in cut], shipped.schema.field("topk_ids").type),
+    ).replace_schema_metadata({key: v for key, v in shipped.schema.metadata.items() if not key.startswith(b"kd.topk_id_order")})
+    # written without the order table, raw ids decode as themselves
+    out = {}
+    for ids_name, table in (("frequency_codes", shipped), ("raw_ids", raw_ids)):
+        for codec, level in (("zstd", 3), ("zstd", 9), ("brotli", 5)):
+            opts = dict(fmt.PARQUET_OPTIONS)
+            opts["compression"] = {c: (codec if c.startswith(("topk_ids", "topk_logprob_deltas")) else "zstd") for c in opts["compression_level"]}
+            opts["compression_level"] = {c: (level if c.startswith(("topk_ids", "topk_logprob_deltas")) else v) for c, v in opts["compression_level"].items()}
+            buf = fmt.parquet_bytes(table, opts)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fmt.decode_table(pq.read_table(pa.BufferReader(buf), use_threads=False), k, text=False)
+            rate = 3 * tokens / (time.perf_counter() - t0)
+            out[f"{ids_name}+{codec}-{level}"] = {"bytes_per_token": round(len(buf) / tokens, 2), "read_decode_tokens_per_s_1thread": round(rate)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--rows-cache", type=Path, default=None, help="save generated rows here, or reuse them if present")
     args = ap.parse_args()
-    rows, vocab = generate_rows(args.prompts, args.max_new_tokens, 64)
+    if args.rows_cache and args.rows_cache.with_suffix(".json").exists():
+        rows, vocab = load_rows(args.rows_cache)
+    else:
+        rows, vocab = generate_rows(args.prompts, args.max_new_tokens, 64)
+        if args.rows_cache:
+            save_rows(args.rows_cache, rows, vocab)
     tokens = sum(len(r.completion_ids) for r in rows)
     figures = {}
     for k in (5, 20, 64):
@@ -133,6 +197,7 @@ def main() -> None:
             "kd_v1_max_token_logprob_error": round(kd_tok_err, 6),
             "kd_v1_over_naive": round(kd_size / naive, 3),
         }
+    figures["k=20 codec variants"] = codec_variants(rows, vocab)
     result = {
         "name": "storage",
         "setup": {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rows": len(rows), "completion_tokens": tokens,

@@ -15,7 +15,10 @@ Physical encoding (chosen by `bench/storage.py`; see the README's storage table)
 * token ids (`prompt_ids`, `completion_ids`, `topk_ids`) are uint16 when the vocabulary has at most
   65,536 rows, else uint32.
 * `topk_ids` is stored flat per row: T*k values, position-major (k is in the manifest and in the
-  Parquet schema metadata). The reader returns [T, k].
+  Parquet schema metadata), as **frequency codes**: each shard ranks the ids of its top-k by how
+  often they occur and stores the rank (the order table, zstd + base64, sits in the shard's
+  schema metadata `kd.topk_id_order`): id = order[code]. Common tokens dominate top-k lists, so
+  ranks are mostly small and compress ~15% better than raw ids. The reader returns ids, [T, k].
 * top-k log-probs are stored as `topk_logprob_deltas` (uint16, T*k flat): with
   q_j = round(-logprob_j * scale), the column holds q_0, q_1 - q_0, ..., q_{k-1} - q_{k-2}.
   Sorted log-probs make these small non-negative integers that compress well; the reader
@@ -155,17 +158,20 @@ _LEAVES = {  # Parquet leaf column paths of the v1 schema (per-column options ar
     "topk_logprob_deltas": ["topk_logprob_deltas.list.element"],
     "finish_reason": ["finish_reason"],
 }
-# The two top-k columns are ~95% of the bytes: brotli-5 codes them 3-4% smaller than zstd-3 at
-# similar read speed (bench/storage.py); everything else is zstd-3. All readers (pyarrow, polars,
-# DuckDB, datasets) read both codecs.
+# The two top-k columns are ~95% of the bytes: zstd-9 there (1-2% smaller than zstd-3, same read
+# speed; brotli-5 is no smaller with frequency-coded ids and reads 2x slower), zstd-3 elsewhere.
+# bench/storage.py ("codec variants") measures the alternatives on real teacher output.
 _TOPK = ("topk_ids", "topk_logprob_deltas")
 PARQUET_OPTIONS = dict(
-    compression={leaf: ("brotli" if col in _TOPK else "zstd") for col, leaves in _LEAVES.items() for leaf in leaves},
-    compression_level={leaf: (5 if col in _TOPK else 3) for col, leaves in _LEAVES.items() for leaf in leaves},
+    compression="zstd",
+    compression_level={leaf: (9 if col in _TOPK else 3) for col, leaves in _LEAVES.items() for leaf in leaves},
     use_dictionary=["id", "finish_reason"],
     # keys are Parquet column paths: a list column's values live at "<name>.list.element"
     column_encoding={f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in _INT_LIST_COLUMNS},
     write_statistics=["id"],
+    # no embedded Arrow schema: it would repeat the key-value metadata (the id order table) base64'd
+    # again; the Parquet schema alone restores every type here (uint16 via its logical type)
+    store_schema=False,
     data_page_size=1 << 20,
 )
 
@@ -224,6 +230,64 @@ def decode_token_logprobs(
     return np.where(codes == 0, from_topk, own).astype(np.float32)
 
 
+def frequency_codes(topk_ids: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Replace top-k ids by codes ordered by how often they occur in this shard.
+
+    Top-k candidates are dominated by common tokens; codes put the frequent ones first, so most
+    values are small and their byte streams compress far better than raw ids (bench/storage.py).
+    Order: by frequency class floor(log2(count)), most frequent class first, ascending id within a
+    class — nearly the skew of an exact frequency order, yet the table stays cheap to store (ids
+    ascending within a class delta-code to small gaps). Returns the codes (same shapes as the
+    inputs) and `order` ([U] ids): id = order[code].
+    """
+    if not topk_ids:
+        return [], np.zeros(0, np.int64)
+    flat = np.concatenate([np.asarray(a).reshape(-1) for a in topk_ids]).astype(np.int64)
+    uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    klass = np.floor(np.log2(counts)).astype(np.int64)
+    by_freq = np.lexsort((uniq, -klass))
+    rank = np.empty_like(by_freq)
+    rank[by_freq] = np.arange(len(by_freq))
+    codes = rank[inverse]
+    bounds = np.cumsum([a.size for a in topk_ids])[:-1]
+    return [c.reshape(a.shape) for c, a in zip(np.split(codes, bounds), topk_ids)], uniq[by_freq]
+
+
+def encode_id_order(order: np.ndarray) -> dict[str, str]:
+    """Schema metadata holding the order table: per run of ascending ids (one per frequency class)
+    its length, then the ids as gaps; uint32, zstd, base64."""
+    import base64
+
+    order = np.asarray(order, dtype=np.int64)
+    # a run starts at 0 and wherever the id does not increase (a new frequency class)
+    starts = np.flatnonzero(np.diff(order, prepend=order[:1] + 1) <= 0) if order.size else np.zeros(0, np.int64)
+    runs = np.diff(np.append(starts, order.size))
+    gaps = np.diff(order, prepend=0)
+    gaps[starts] = order[starts]
+    raw = np.concatenate([[len(runs)], runs, gaps]).astype("<u4").tobytes()
+    packed = pa.compress(raw, codec="zstd", asbytes=True)
+    return {"kd.topk_id_order": base64.b64encode(packed).decode(), "kd.topk_id_order_bytes": str(len(raw))}
+
+
+def decode_id_order(metadata: dict | None) -> np.ndarray | None:
+    """Inverse of `encode_id_order`; None when the shard stores raw ids."""
+    import base64
+
+    if not metadata or b"kd.topk_id_order" not in metadata:
+        return None
+    packed = base64.b64decode(metadata[b"kd.topk_id_order"])
+    raw = np.frombuffer(
+        pa.decompress(packed, int(metadata[b"kd.topk_id_order_bytes"]), codec="zstd", asbytes=True), dtype="<u4"
+    ).astype(np.int64)
+    n = int(raw[0])
+    runs, gaps = raw[1 : 1 + n], raw[1 + n :]
+    run_of = np.repeat(np.arange(n), runs)
+    # cumulative sum that restarts at every run (each run's first gap is its absolute id)
+    total = np.cumsum(gaps)
+    before = np.concatenate([[0], total])[np.concatenate([[0], np.cumsum(runs)[:-1]])]
+    return total - before[run_of]
+
+
 # ----------------------------------------------------------------------------------------------
 # Rows
 
@@ -264,6 +328,7 @@ def rows_to_table(rows: list[Row], vocab_rows: int, k: int) -> pa.Table:
         t = len(r.completion_ids)
         if r.topk_ids.shape != (t, k) or r.topk_logprobs.shape != (t, k) or len(r.token_logprobs) != t:
             raise ValueError(f"row {r.id}: per-token arrays disagree with T={t}, k={k}")
+    topk_codes, order = frequency_codes([r.topk_ids for r in rows])
     columns = {
         "id": pa.array([r.id for r in rows], pa.string()),
         "messages": pa.array([r.messages for r in rows], sch.field("messages").type),
@@ -276,13 +341,14 @@ def rows_to_table(rows: list[Row], vocab_rows: int, k: int) -> pa.Table:
         "token_logprob_codes": lists(
             [encode_token_logprobs(r) for r in rows], np.uint32, pa.uint32()
         ),
-        "topk_ids": lists([r.topk_ids for r in rows], ids_np, sch.field("topk_ids").type.value_type),
+        "topk_ids": lists(topk_codes, ids_np, sch.field("topk_ids").type.value_type),
         "topk_logprob_deltas": lists(
             [encode_topk_logprobs(r.topk_logprobs) for r in rows], np.uint16, pa.uint16()
         ),
         "finish_reason": pa.array([r.finish_reason for r in rows], pa.string()),
     }
-    return pa.Table.from_pydict(columns, schema=sch)
+    table = pa.Table.from_pydict(columns, schema=sch)
+    return table.replace_schema_metadata({**sch.metadata, **encode_id_order(order)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,11 +377,19 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     fs.mv(tmp, path)
 
 
+def parquet_bytes(table: pa.Table, options: dict | None = None) -> bytes:
+    """One shard's Parquet file: the v1 options, and the table's `kd.*` schema metadata written once
+    as Parquet key-value metadata (see PARQUET_OPTIONS: no embedded Arrow schema)."""
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, table.schema, **(options or PARQUET_OPTIONS)) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()})
+    return sink.getvalue().to_pybytes()
+
+
 def write_shard(fs: fsspec.AbstractFileSystem, dataset_dir: str, name: str, table: pa.Table) -> dict:
     """Write one shard atomically; returns its manifest entry (path, rows, tokens, bytes, sha256)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **PARQUET_OPTIONS)
-    data = sink.getvalue().to_pybytes()
+    data = parquet_bytes(table)
     fs.makedirs(join(dataset_dir, DATA_DIR), exist_ok=True)
     write_bytes_atomic(fs, join(dataset_dir, DATA_DIR, name), data)
     tokens = int(pa.compute.sum(pa.compute.list_value_length(table["completion_ids"])).as_py() or 0)
@@ -421,13 +495,20 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values[base : offsets[-1]], offsets - base
 
 
-def decode_table(table: pa.Table, k: int, scale: int = LOGPROB_SCALE, text: bool = True) -> Batch:
-    """Arrow table in the v1 schema -> `Batch` (vectorised: no Python loop over tokens)."""
+def decode_table(
+    table: pa.Table, k: int, scale: int = LOGPROB_SCALE, text: bool = True, id_order: np.ndarray | None = None
+) -> Batch:
+    """Arrow table in the v1 schema (one shard's rows) -> `Batch` (vectorised: no loop over tokens).
+
+    `id_order` is the shard's frequency order; by default it is read from the table's metadata.
+    """
+    if id_order is None:
+        id_order = decode_id_order(table.schema.metadata)
     cids, offsets = _flat(table["completion_ids"])
     codes, _ = _flat(table["token_logprob_codes"])
     tk, _ = _flat(table["topk_ids"])
     dl, _ = _flat(table["topk_logprob_deltas"])
-    topk_ids = tk.astype(np.int64).reshape(-1, k)
+    topk_ids = (id_order[tk] if id_order is not None else tk.astype(np.int64)).reshape(-1, k)
     topk_lp = decode_topk_logprobs(dl.reshape(-1, k), scale)
     tlp = decode_token_logprobs(codes, cids, topk_ids, topk_lp, scale)
     pids, poff = _flat(table["prompt_ids"])
@@ -503,7 +584,8 @@ class TeacherDataset:
         return [join(self.path, s["path"]) for s in self.shards]
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
-        """All shards as one Arrow table (encoded columns)."""
+        """All shards as one Arrow table, encoded as stored: use it for the text columns; the
+        top-k columns decode only per shard (`iter_batches`), since each shard has its own id order."""
         tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in self.shard_paths()]
         return pa.concat_tables(tables) if tables else schema(self.vocab_size, self.k).empty_table()
 
@@ -513,8 +595,9 @@ class TeacherDataset:
         for p in self.shard_paths():
             with self.fs.open(p, "rb") as f:
                 pf = pq.ParquetFile(f)
-                for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
-                    yield decode_table(pa.Table.from_batches([rb]), self.k, self.scale, text=text)
+                order = decode_id_order(pf.schema_arrow.metadata)
+                for rb in pf.iter_batches(batch_size=batch_rows, columns=cols, use_threads=False):
+                    yield decode_table(pa.Table.from_batches([rb]), self.k, self.scale, text=text, id_order=order)
 
     def to_hf(self):
         """The shards as a `datasets.Dataset` (encoded columns, as `load_dataset('parquet')` gives)."""
