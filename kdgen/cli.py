@@ -1,4 +1,4 @@
-"""`kdgen` command line: generate, score, ls, info, verify, merge.
+"""`kdgen` command line: generate, score, ls, info, verify, merge, push, pull.
 
 The typer app is the one registry of commands. Every command builds a config and calls a plain
 function; user errors (`KdError`) print one line and exit 2, with no traceback.
@@ -187,6 +187,39 @@ def merge(
 
     m = run_merge(dataset, sources or [])
     console.print(f"[green]merged:[/] {_summary(m)} -> {dataset}")
+
+
+def _copy(src: str, dest: str) -> None:
+    from kdgen.progress import console
+    from kdgen.store import copy_dataset
+
+    def say(rel: str, what: str) -> None:
+        console.print(f"  {rel}: {'already there, checksum ok' if what == 'present' else 'copied, checksum ok'}")
+
+    r = copy_dataset(src, dest, on_shard=say)
+    if r.already_complete:
+        console.print(f"[green]up to date:[/] {r.url} already holds this dataset")
+    else:
+        console.print(f"[green]copied:[/] {r.copied} shard(s), {_size(r.bytes_copied)}; {r.skipped} already there -> {r.url}")
+    print(r.url)
+
+
+@app.command()
+def push(
+    dataset: str = typer.Argument(..., help="Complete dataset directory or URL (ROOT/<fingerprint>)."),
+    dest: str = typer.Argument(..., help="Root to copy it into (s3://bucket/kd, a path, ...); it lands at DEST/<fingerprint>."),
+):
+    """Copy a dataset to a shared store: sha256 checked per shard, resumable, manifest last."""
+    _copy(dataset, dest)
+
+
+@app.command()
+def pull(
+    src: str = typer.Argument(..., help="Dataset URL in a shared store (ROOT/<fingerprint>)."),
+    dest: str = typer.Argument(..., help="Local root (or other store) to copy it into; it lands at DEST/<fingerprint>."),
+):
+    """Copy a dataset from a shared store: sha256 checked per shard, resumable, manifest last."""
+    _copy(src, dest)
 
 
 def main() -> None:

@@ -356,13 +356,40 @@ def rows_to_table(rows: list[Row], vocab_rows: int, k: int) -> pa.Table:
 
 
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and path for a local path or URL (s3://, gs://, hf://, memory://)."""
-    fs, path = fsspec.core.url_to_fs(url)
+    """fsspec filesystem and path for a local path or URL (s3://, gs://, hf://, memory://).
+
+    Object stores get no listings cache: several processes (and machines) write the same dataset
+    directory, and a cached listing would hide their shards, locks and manifest. Credentials and
+    endpoints come from the store's usual configuration (for S3: AWS_* variables or
+    ~/.aws; another endpoint via FSSPEC_S3_ENDPOINT_URL).
+    """
+    protocol = fsspec.core.split_protocol(url)[0]
+    options = {} if protocol in (None, "file", "local") else {"use_listings_cache": False}
+    fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path.rstrip("/") or "/"
 
 
 def join(*parts: str) -> str:
     return posixpath.join(*parts)
+
+
+SHARD_PATH_RE = re.compile(rf"{DATA_DIR}/train-\d{{5}}-of-\d{{5}}\.parquet")
+
+
+def is_safe_shard_path(rel: object) -> bool:
+    """A manifest's shard path must be `data/train-NNNNN-of-NNNNN.parquet`: nothing absolute, no
+    `..`, no URL, no other directory — a manifest must never make a reader open files outside
+    its dataset directory (issue 7)."""
+    return isinstance(rel, str) and SHARD_PATH_RE.fullmatch(rel) is not None
+
+
+def checked_shard_path(rel: object) -> str:
+    if not is_safe_shard_path(rel):
+        raise KdError(
+            f"manifest.json lists the shard path {rel!r}, which is not data/train-NNNNN-of-NNNNN.parquet inside the "
+            f"dataset directory; refusing to read it (the manifest is damaged or was edited) — run `kdgen verify`"
+        )
+    return rel
 
 
 def shard_name(index: int, total: int) -> str:
@@ -581,7 +608,8 @@ class TeacherDataset:
         return self.manifest["tokenizer"]["vocab_size"]
 
     def shard_paths(self) -> list[str]:
-        return [join(self.path, s["path"]) for s in self.shards]
+        """Full paths of the shards; KdError if the manifest points outside the dataset directory."""
+        return [join(self.path, checked_shard_path(s.get("path"))) for s in self.shards]
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         """All shards as one Arrow table, encoded as stored: use it for the text columns; the
@@ -611,9 +639,9 @@ def _dataset_dirs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     if not fs.exists(root) or not fs.isdir(root):
         return []
     out = []
-    for p in sorted(fs.ls(root, detail=False)):
-        p = p.rstrip("/")
-        if fs.isdir(p) and fs.exists(join(p, MANIFEST)):
+    for entry in sorted(fs.ls(root, detail=True), key=lambda e: e["name"]):
+        p = entry["name"].rstrip("/")
+        if entry["type"] == "directory" and fs.exists(join(p, MANIFEST)):
             out.append(p)
     return out
 

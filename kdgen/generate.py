@@ -1,13 +1,21 @@
 """`kdgen generate` / `kdgen score`: prompts in, a complete teacher dataset out.
 
     run(cfg): validate -> resolve teacher (config + tokenizer only) -> read + encode prompts
-              -> fingerprint -> cache hit? return -> plan shards -> skip complete shards (resume)
-              -> start engine -> generate shard by shard (atomic writes) -> card -> manifest (last)
+              -> fingerprint -> cache hit? return -> plan shards (under the dataset lock)
+              -> skip complete shards (resume) -> index reusable rows of sibling datasets
+              -> per shard: claim it -> reused rows + generated rows (engine started on first
+                 need) -> atomic write -> release -> card -> manifest (last, under the lock)
 
 Shards are fixed blocks of prompts (all n samples of a prompt live in one shard), planned once and
 recorded in `.kdgen-plan.json`, so a resumed or sliced run writes exactly the shards an
 uninterrupted one would. `--shard-index i --num-shards m` makes this process write shards
 j with j % m == i; whoever completes the last shard writes the manifest, or run `kdgen merge`.
+
+Reliability (issue 7): two processes on the same request split the shards through per-shard
+claims (kdgen/locks.py) and never write the same shard at once; a SIGKILL at any moment leaves
+only complete shards, temp files and stale locks, all of which a rerun handles. Row reuse
+(kdgen/store.py): rows of complete datasets under the same root made with the same teacher and
+generation settings are taken by row id instead of generated again.
 
 Test: `pytest tests/test_generate.py` (hf backend, tiny model) and `-m slow` (vLLM, real teacher).
 """
@@ -18,19 +26,26 @@ import json
 import math
 import posixpath
 import time
-from dataclasses import asdict, dataclass, field, fields
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Iterator
 
 import pyarrow as pa
 
 import kdgen
 from kdgen import format as fmt
+from kdgen import locks
 from kdgen.backends import Request, SamplingConfig, default_backend, engine_version, make_backend, request_seed, vllm_available
 from kdgen.errors import KdError, collect
 from kdgen.progress import RowProgress, console, status
 from kdgen.prompts import Prompt, encode_prompt, load_prompts
+from kdgen.locks import FileLock, lock_path
+from kdgen.store import RowReuse
 from kdgen.teacher import Teacher, load_teacher
 
 PLAN = ".kdgen-plan.json"
+WAIT_POLL_S = 1.0  # how often a process waiting for another's shards or lock looks again
 
 
 def _f(default, help: str, **kw):
@@ -201,7 +216,7 @@ def _check_output(job: Job) -> None:
             f"--out {job.cfg.out} is itself a dataset (fingerprint {existing.get('fingerprint')}); --out takes the "
             f"root that holds datasets: use its parent directory"
         )
-    probe = fmt.join(root, f".kdgen-write-test-{job.fingerprint}")
+    probe = fmt.join(root, f".kdgen-write-test-{job.fingerprint}-{uuid.uuid4().hex[:8]}")
     try:
         fs.makedirs(root, exist_ok=True)
         with fs.open(probe, "wb") as f:
@@ -269,7 +284,12 @@ def _requests_for(job: Job, prompt_indices: range) -> tuple[list[Request], list[
 
 
 def run(cfg: GenerateConfig, kind: str = "generate") -> str:
-    """Generate (or score) the dataset; returns its URL. Idempotent: a complete dataset returns at once."""
+    """Generate (or score) the dataset; returns its URL. Idempotent: a complete dataset returns at once.
+
+    Safe to run twice at once on the same request and root (issue 7): shards are claimed before
+    they are generated, so two processes split the shards, and each waits for the shards the other
+    holds; the plan and the commit happen under the dataset lock (kdgen/locks.py).
+    """
     t0 = time.perf_counter()
     with status(f"resolving teacher {cfg.teacher} and reading prompts"):
         job = prepare(cfg, kind)
@@ -279,77 +299,77 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
         console.print(f"[green]cache hit:[/] {url} already holds this dataset ({_summary(existing)})")
         return url
     _check_output(job)
-    plan = _plan(job)
-    per = plan["shard_prompts"]
-    num = plan["num_shards"]
+    with _dataset_lock(job.fs, job.dataset_dir):
+        existing = fmt.read_manifest(job.fs, job.dataset_dir)
+        if existing is None:
+            plan = _plan(job)
+    if existing is not None:  # another process committed it while we waited
+        console.print(f"[green]cache hit:[/] {url} was completed by another process ({_summary(existing)})")
+        return url
+    per, num = plan["shard_prompts"], plan["num_shards"]
     n = job.manifest_core["generation"]["n"]
+
+    def block(i: int) -> range:
+        return range(i * per, min((i + 1) * per, len(job.prompts)))
+
     mine = [i for i in range(num) if i % cfg.num_shards == cfg.shard_index]
-    todo, done_rows = [], 0
-    for i in mine:
-        block = range(i * per, min((i + 1) * per, len(job.prompts)))
-        name = fmt.shard_name(i, num)
-        if _shard_is_complete(job, name, len(block) * n):
-            done_rows += len(block) * n
-        else:
-            todo.append((i, block, name))
-    total_rows = sum(len(range(i * per, min((i + 1) * per, len(job.prompts)))) * n for i in mine)
+    total_rows = sum(len(block(i)) * n for i in mine)
+    pending = [i for i in mine if not _shard_is_complete(job, fmt.shard_name(i, num), len(block(i)) * n)]
+    done_rows = total_rows - sum(len(block(i)) * n for i in pending)
     if done_rows:
         console.print(f"resuming: {done_rows} of {total_rows} rows already in complete shards")
 
-    gen_wall, gen_tokens = 0.0, 0
-    if todo:
-        vocab = job.teacher.embedding_rows
-        longest = max(len(p) for p in job.prompt_ids) + (
-            cfg.max_new_tokens if kind == "generate" else max(len(c) for c in job.completion_ids)
-        )
-        backend_name = job.manifest_core["generation"]["backend"]
-        options = {"batch_size": min(cfg.batch_size, 16)} if backend_name == "hf" else {
-            "gpu_memory_utilization": cfg.gpu_memory_utilization,
-            "seed": cfg.seed,
-        }
-        with status(f"starting the {backend_name} engine on {job.teacher.model.path}"):
-            backend = make_backend(
-                backend_name, job.teacher.model.path, job.teacher.dtype, cfg.k, min(job.teacher.context, longest + 8), options
+    work = _Work(job)
+    if pending:
+        reuse = RowReuse(job.fs, job.root, job.manifest_core, exclude=job.fingerprint)
+        if len(reuse):
+            want = [fmt.row_id(job.prompts[p].content_hash, s) for i in pending for p in block(i) for s in range(n)]
+            found = reuse.count(want)
+            console.print(
+                f"row reuse: {found} of {len(want)} rows already exist in {len(reuse.sources)} dataset(s) under "
+                f"{cfg.out} with the same teacher and generation settings; generating the other {len(want) - found}"
             )
-        sampling = SamplingConfig(
-            temperature=job.manifest_core["generation"]["temperature"],
-            top_p=job.manifest_core["generation"]["top_p"],
-            top_k=job.manifest_core["generation"]["top_k"],
-            max_new_tokens=max(cfg.max_new_tokens, 1),
-            k=cfg.k,
-        )
-        tok = job.teacher.tokenizer
-        try:
-            with RowProgress(total_rows, "scoring" if kind == "score" else "generating", done_rows) as bar:
-                for i, block, name in todo:
-                    reqs, meta = _requests_for(job, block)
-                    rows = []
-                    for b in range(0, len(reqs), cfg.batch_size):
-                        chunk = reqs[b : b + cfg.batch_size]
-                        tb = time.perf_counter()
-                        outs = backend.score(chunk, cfg.k) if kind == "score" else backend.generate(chunk, sampling)
-                        gen_wall += time.perf_counter() - tb
-                        for r, o, (p, pids) in zip(chunk, outs, meta[b : b + cfg.batch_size]):
-                            rows.append(
-                                fmt.Row(
-                                    id=r.row_id,
-                                    messages=p.messages,
-                                    prompt=p.text,
-                                    prompt_ids=pids,
-                                    completion=tok.decode(o.completion_ids, skip_special_tokens=True),
-                                    completion_ids=o.completion_ids,
-                                    token_logprobs=o.token_logprobs,
-                                    topk_ids=o.topk_ids,
-                                    topk_logprobs=o.topk_logprobs,
-                                    finish_reason=o.finish_reason,
-                                )
-                            )
-                        toks = sum(len(o.completion_ids) for o in outs)
-                        gen_tokens += toks
-                        bar.advance(len(chunk), toks)
-                    fmt.write_shard(job.fs, job.dataset_dir, name, fmt.rows_to_table(rows, vocab, cfg.k))
-        finally:
-            backend.close()
+            work.reuse = reuse
+    try:
+        with RowProgress(total_rows, "scoring" if kind == "score" else "generating", done_rows) as bar:
+            waiting_noted = False
+            while pending:
+                progressed = False
+                for i in list(pending):
+                    name = fmt.shard_name(i, num)
+                    expected = len(block(i)) * n
+                    if _shard_is_complete(job, name, expected):  # written by another process
+                        pending.remove(i)
+                        bar.advance(expected, 0)
+                        continue
+                    claim = FileLock(job.fs, lock_path(job.dataset_dir, name))
+                    if not claim.try_acquire():
+                        continue  # another process is writing it
+                    try:
+                        if fmt.read_manifest(job.fs, job.dataset_dir) is not None:
+                            console.print(f"another process committed {url} meanwhile; stopping")
+                            return url
+                        if not _shard_is_complete(job, name, expected):
+                            rows = work.rows_for(block(i), bar)
+                            if claim.lost:
+                                raise KdError(f"lost the claim on {name} to another process (this one stalled for minutes); run the command again")
+                            fmt.write_shard(job.fs, job.dataset_dir, name, fmt.rows_to_table(rows, job.teacher.embedding_rows, cfg.k))
+                        else:
+                            bar.advance(expected, 0)
+                    finally:
+                        claim.release()
+                    pending.remove(i)
+                    progressed = True
+                if pending and not progressed:
+                    if not waiting_noted:
+                        holders = {locks.describe(FileLock(job.fs, lock_path(job.dataset_dir, fmt.shard_name(i, num))).holder() or {}) for i in pending}
+                        console.print(f"waiting for {len(pending)} shard(s) that another process is writing ({'; '.join(sorted(holders))})")
+                        waiting_noted = True
+                    time.sleep(WAIT_POLL_S)
+    finally:
+        work.close()
+    if work.reused or (work.reuse is not None):
+        console.print(f"rows: {work.reused} reused from existing datasets, {work.generated} generated")
 
     present = set(fmt.list_shards(job.fs, job.dataset_dir))
     missing = [fmt.shard_name(i, num) for i in range(num) if fmt.shard_name(i, num) not in present]
@@ -359,9 +379,108 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
             f"When every slice has finished, run `kdgen merge {url}`"
         )
         return url
-    manifest = finalize(job.fs, job.dataset_dir, job.manifest_core, cfg, time.perf_counter() - t0, gen_wall, gen_tokens)
-    console.print(f"[green]done:[/] {_summary(manifest)} -> {url}")
+    with _dataset_lock(job.fs, job.dataset_dir):
+        manifest = fmt.read_manifest(job.fs, job.dataset_dir)
+        committed_here = manifest is None
+        if committed_here:
+            manifest = finalize(job.fs, job.dataset_dir, job.manifest_core, cfg, time.perf_counter() - t0, work.gen_wall, work.gen_tokens)
+    locks.remove_lock_dir(job.fs, job.dataset_dir)
+    console.print(f"[green]done:[/] {_summary(manifest)} -> {url}" + ("" if committed_here else " (committed by another process)"))
     return url
+
+
+class _Work:
+    """Produces a shard's rows: reused ones from `RowReuse`, the rest from the engine (started on
+    first need, so a run whose rows all exist never loads the teacher's weights)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.reuse: RowReuse | None = None
+        self.backend = None
+        self.reused = self.generated = 0
+        self.gen_wall, self.gen_tokens = 0.0, 0
+
+    def _engine(self):
+        if self.backend is None:
+            job, cfg = self.job, self.job.cfg
+            longest = max(len(p) for p in job.prompt_ids) + (
+                cfg.max_new_tokens if job.kind == "generate" else max(len(c) for c in job.completion_ids)
+            )
+            backend_name = job.manifest_core["generation"]["backend"]
+            options = {"batch_size": min(cfg.batch_size, 16)} if backend_name == "hf" else {
+                "gpu_memory_utilization": cfg.gpu_memory_utilization,
+                "seed": cfg.seed,
+            }
+            with status(f"starting the {backend_name} engine on {job.teacher.model.path}"):
+                self.backend = make_backend(
+                    backend_name, job.teacher.model.path, job.teacher.dtype, cfg.k, min(job.teacher.context, longest + 8), options
+                )
+        return self.backend
+
+    def rows_for(self, prompt_indices: range, bar: RowProgress) -> list[fmt.Row]:
+        """The rows of these prompts, in the order an uninterrupted run writes them."""
+        job, cfg = self.job, self.job.cfg
+        reqs, meta = _requests_for(job, prompt_indices)
+        rows: list[fmt.Row | None] = [None] * len(reqs)
+        todo = []
+        for j, (r, (p, pids)) in enumerate(zip(reqs, meta)):
+            old = self.reuse.get(r.row_id, pids, r.completion_ids) if self.reuse is not None else None
+            if old is None:
+                todo.append(j)
+            else:  # the request's own prompt fields; the stored arrays
+                rows[j] = replace(old, messages=p.messages, prompt=p.text, prompt_ids=pids)
+                self.reused += 1
+        if len(todo) < len(reqs):
+            bar.advance(len(reqs) - len(todo), 0)
+        sampling = SamplingConfig(
+            temperature=job.manifest_core["generation"]["temperature"],
+            top_p=job.manifest_core["generation"]["top_p"],
+            top_k=job.manifest_core["generation"]["top_k"],
+            max_new_tokens=max(cfg.max_new_tokens, 1),
+            k=cfg.k,
+        )
+        tok = job.teacher.tokenizer
+        for b in range(0, len(todo), cfg.batch_size):
+            idx = todo[b : b + cfg.batch_size]
+            chunk = [reqs[j] for j in idx]
+            backend = self._engine()
+            tb = time.perf_counter()
+            outs = backend.score(chunk, cfg.k) if job.kind == "score" else backend.generate(chunk, sampling)
+            self.gen_wall += time.perf_counter() - tb
+            for j, r, o in zip(idx, chunk, outs):
+                p, pids = meta[j]
+                rows[j] = fmt.Row(
+                    id=r.row_id,
+                    messages=p.messages,
+                    prompt=p.text,
+                    prompt_ids=pids,
+                    completion=tok.decode(o.completion_ids, skip_special_tokens=True),
+                    completion_ids=o.completion_ids,
+                    token_logprobs=o.token_logprobs,
+                    topk_ids=o.topk_ids,
+                    topk_logprobs=o.topk_logprobs,
+                    finish_reason=o.finish_reason,
+                )
+            toks = sum(len(o.completion_ids) for o in outs)
+            self.gen_tokens += toks
+            self.generated += len(chunk)
+            bar.advance(len(chunk), toks)
+        return rows
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+
+@contextmanager
+def _dataset_lock(fs, dataset_dir: str) -> Iterator[FileLock]:
+    """The dataset's short-lived lock (plan creation, commit); says so when it has to wait."""
+    lock = FileLock(fs, lock_path(dataset_dir, "dataset"))
+    lock.acquire(WAIT_POLL_S, on_wait=lambda info: console.print(f"waiting for the dataset lock held by {locks.describe(info)}"))
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def finalize(fs, dataset_dir: str, core: dict, cfg: GenerateConfig | dict, wall: float, gen_wall: float, gen_tokens: int) -> dict:
@@ -461,7 +580,10 @@ def merge(url: str, sources: list[str] = ()) -> dict:
     if missing:
         raise KdError(f"{url}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}...); finish the other slices first")
     core, cfg = plan["core"], plan["config"]
-    return finalize(fs, path, core, cfg, 0.0, 0.0, 0)
+    with _dataset_lock(fs, path):
+        manifest = fmt.read_manifest(fs, path) or finalize(fs, path, core, cfg, 0.0, 0.0, 0)
+    locks.remove_lock_dir(fs, path)
+    return manifest
 
 
 __all__ = ["GenerateConfig", "run", "merge", "prepare", "pa"]

@@ -63,10 +63,6 @@ def check_table(table: pa.Table, k: int, vocab: int, scale: int = fmt.LOGPROB_SC
     return problems
 
 
-def _safe_rel(path: str) -> bool:
-    return not (path.startswith("/") or "\\" in path or ".." in path.split("/") or "://" in path) and path.startswith(f"{fmt.DATA_DIR}/")
-
-
 def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
     """Returns (manifest, problems). Each problem names the shard and what is wrong with it."""
     fs, path = fmt.open_fs(url)
@@ -92,9 +88,9 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
     seen_ids: set[str] = set()
     rows = tokens = 0
     for s in listed:
-        rel = s.get("path", "")
-        if not _safe_rel(rel):
-            problems.append(f"{rel}: shard path escapes the dataset directory; refusing to read it")
+        rel = s.get("path", "") if isinstance(s, dict) else s
+        if not fmt.is_safe_shard_path(rel):
+            problems.append(f"{rel}: shard path is not data/train-NNNNN-of-NNNNN.parquet inside the dataset directory; refusing to read it")
             continue
         names.add(posixpath.basename(rel))
         full = fmt.join(path, rel)
