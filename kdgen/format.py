@@ -414,8 +414,13 @@ def parquet_bytes(table: pa.Table, options: dict | None = None) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_shard(fs: fsspec.AbstractFileSystem, dataset_dir: str, name: str, table: pa.Table) -> dict:
-    """Write one shard atomically; returns its manifest entry (path, rows, tokens, bytes, sha256)."""
+def write_shard(fs: fsspec.AbstractFileSystem, dataset_dir: str, name: str, table: pa.Table, fingerprint: str | None = None) -> dict:
+    """Write one shard atomically; returns its manifest entry (path, rows, tokens, bytes, sha256).
+
+    `fingerprint` goes into the shard's key-value metadata (`kd.fingerprint`), so a shard that
+    ends up in another dataset is recognised as such even when its manifest entry was edited."""
+    if fingerprint is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"kd.fingerprint": fingerprint.encode()})
     data = parquet_bytes(table)
     fs.makedirs(join(dataset_dir, DATA_DIR), exist_ok=True)
     write_bytes_atomic(fs, join(dataset_dir, DATA_DIR, name), data)

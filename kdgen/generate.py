@@ -353,7 +353,9 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
                             rows = work.rows_for(block(i), bar)
                             if claim.lost:
                                 raise KdError(f"lost the claim on {name} to another process (this one stalled for minutes); run the command again")
-                            fmt.write_shard(job.fs, job.dataset_dir, name, fmt.rows_to_table(rows, job.teacher.embedding_rows, cfg.k))
+                            fmt.write_shard(
+                                job.fs, job.dataset_dir, name, fmt.rows_to_table(rows, job.teacher.embedding_rows, cfg.k), job.fingerprint
+                            )
                         else:
                             bar.advance(expected, 0)
                     finally:
@@ -365,7 +367,7 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
                         holders = {locks.describe(FileLock(job.fs, lock_path(job.dataset_dir, fmt.shard_name(i, num))).holder() or {}) for i in pending}
                         console.print(f"waiting for {len(pending)} shard(s) that another process is writing ({'; '.join(sorted(holders))})")
                         waiting_noted = True
-                    time.sleep(WAIT_POLL_S)
+                    _pause()
     finally:
         work.close()
     if work.reused or (work.reuse is not None):
@@ -472,6 +474,11 @@ class _Work:
             self.backend.close()
 
 
+def _pause() -> None:
+    """Wait a moment for other processes (a function, so tests can stand in for the other process)."""
+    time.sleep(WAIT_POLL_S)
+
+
 @contextmanager
 def _dataset_lock(fs, dataset_dir: str) -> Iterator[FileLock]:
     """The dataset's short-lived lock (plan creation, commit); says so when it has to wait."""
@@ -520,6 +527,9 @@ def finalize(fs, dataset_dir: str, core: dict, cfg: GenerateConfig | dict, wall:
         "config": asdict(cfg) if not isinstance(cfg, dict) else cfg,
     }
     write_card(fs, dataset_dir, manifest)
+    for p in fs.ls(fmt.join(dataset_dir, locks.LOCK_DIR), detail=False) if fs.exists(fmt.join(dataset_dir, locks.LOCK_DIR)) else []:
+        if not p.rstrip("/").endswith("/dataset.lock"):
+            fs.rm(p)  # shard claims left by killed runs: every shard is complete now
     for p in fs.ls(fmt.join(dataset_dir, fmt.DATA_DIR), detail=False):
         if p.rstrip("/").rsplit("/", 1)[-1].startswith(fmt.TMP_PREFIX):
             fs.rm(p)  # leftovers of interrupted writes

@@ -127,8 +127,10 @@ def convert_gguf(gguf: Path) -> Path:
 
     with status(f"converting {gguf.name} to safetensors (once; cached in {out})"):
         try:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+            )
         except Exception as e:  # transformers raises many types for unsupported files
             raise KdError(f"{gguf}: transformers cannot read this GGUF file ({type(e).__name__}: {e})") from None
         config = loaded.config
@@ -142,7 +144,7 @@ def convert_gguf(gguf: Path) -> Path:
         try:
             fresh.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
-            AutoConfig.from_pretrained(tmp)  # fail here, not later, if the saved config is bad
+            AutoConfig.from_pretrained(tmp, trust_remote_code=False)  # fail here, not later, if the saved config is bad
             (tmp / "kd_conversion.json").write_text(
                 json.dumps({"gguf": str(gguf), "gguf_sha256": digest, "dtype": "float32"}, indent=2)
             )

@@ -79,8 +79,9 @@ def load_teacher(spec: str, dtype: str = "auto") -> Teacher:
 
     model = resolve(spec)
     try:
-        config = AutoConfig.from_pretrained(model.path)
-        tokenizer = AutoTokenizer.from_pretrained(model.path)
+        # never run code shipped with a checkpoint (issue 7); transformers would otherwise ask on a terminal
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=False)
     except Exception as e:
         raise KdError(f"model {spec!r}: cannot load its config/tokenizer from {model.path} ({type(e).__name__}: {e})") from None
     return Teacher(model, tokenizer, config, resolve_dtype(dtype))

@@ -63,6 +63,33 @@ def check_table(table: pa.Table, k: int, vocab: int, scale: int = fmt.LOGPROB_SC
     return problems
 
 
+def _row_prompt_hashes(table: pa.Table) -> list[str]:
+    """Each row's prompt content hash, as `kdgen.prompts.Prompt.content_hash` computes it."""
+    cols = set(table.column_names)
+    messages = table["messages"].to_pylist() if "messages" in cols else [None] * table.num_rows
+    texts = table["prompt"].to_pylist() if "prompt" in cols else [None] * table.num_rows
+    return [
+        fmt.sha256_hex(fmt.canonical_json({"messages": m} if m is not None else {"text": t}))
+        for m, t in zip(messages, texts)
+    ]
+
+
+def _ids_not_from_their_prompts(table: pa.Table, manifest: dict) -> int:
+    """How many rows' ids are not row_id(their prompt's content hash, sample index < n). Generated
+    rows only: a scored row's id also covers the given completion text, which is not stored verbatim."""
+    if manifest["generation"].get("kind") != "generate":
+        return 0
+    n = manifest["generation"]["n"]
+    ids = table["id"].to_pylist()
+    return sum(rid not in {fmt.row_id(h, s) for s in range(n)} for rid, h in zip(ids, _row_prompt_hashes(table)))
+
+
+def _prompt_hashes(table: pa.Table, manifest: dict) -> list[str]:
+    """The shard's prompts in order (each prompt's n samples are consecutive rows)."""
+    n = manifest["generation"]["n"]
+    return _row_prompt_hashes(table)[::n] if manifest["generation"].get("kind") == "generate" else []
+
+
 def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
     """Returns (manifest, problems). Each problem names the shard and what is wrong with it."""
     fs, path = fmt.open_fs(url)
@@ -85,6 +112,7 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
     if posixpath.basename(path.rstrip("/")) != manifest["fingerprint"]:
         problems.append(f"directory name {posixpath.basename(path)} differs from the fingerprint {manifest['fingerprint']}")
     names = set()
+    prompt_hashes: list[str] = []
     seen_ids: set[str] = set()
     rows = tokens = 0
     for s in listed:
@@ -116,6 +144,14 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
         if meta.get(b"kd.k", str(k).encode()) != str(k).encode():
             problems.append(f"{rel}: written with k={meta[b'kd.k'].decode()}, the dataset has k={k} (a shard from another dataset?)")
             continue
+        own = meta.get(b"kd.fingerprint")
+        if own is not None and own.decode() != manifest["fingerprint"]:
+            problems.append(f"{rel}: rows of another dataset (its shard metadata says fingerprint {own.decode()}, this dataset is {manifest['fingerprint']})")
+            continue
+        bad_ids = _ids_not_from_their_prompts(table, manifest)
+        if bad_ids:
+            problems.append(f"{rel}: {bad_ids} row id(s) do not derive from the row's own prompt (rows edited or assembled by hand)")
+        prompt_hashes += _prompt_hashes(table, manifest)
         rows += table.num_rows
         tokens += s["tokens"]
         ids = table["id"].to_pylist()
@@ -127,6 +163,10 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
             problems += [f"{rel}: {p}" for p in check_table(table, k, vocab, scale)]
     for extra in sorted(set(fmt.list_shards(fs, path)) - names):
         problems.append(f"{fmt.DATA_DIR}/{extra}: shard file not listed in the manifest (from another run or dataset?)")
+    if not problems and manifest["generation"].get("kind") == "generate":
+        # the rows, in shard order, must be exactly the manifest's prompt set (prompts.content_hash)
+        if fmt.sha256_hex("\n".join(prompt_hashes)) != manifest["prompts"].get("content_hash"):
+            problems.append("the rows' prompts, in shard order, are not the manifest's prompt set (prompts.content_hash): shards from another dataset, or rows missing or reordered")
     totals = manifest.get("totals", {})
     if not problems and (totals.get("rows") != rows or totals.get("tokens") != tokens):
         problems.append(f"manifest totals ({totals.get('rows')} rows, {totals.get('tokens')} tokens) differ from the shards ({rows}, {tokens})")

@@ -14,6 +14,7 @@ Test: `pytest tests/test_kdtrain_run.py` (end to end on CPU, with resume).
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from kdtrain.config import TrainConfig, validate
 from kdtrain.data import KDCollator, TeacherData, logit_examples, open_teacher_data, same_tokenizer, text_examples, to_hf_dataset
 from kdtrain.crosstok import CrossKDCollator, CrossTok, crosstok_examples, load_teacher_tokenizer
 from kdtrain.student import Student, build_student, teacher_spec
-from kdtrain.trainer import KDLoss, KDTrainer, write_kd_config
+from kdtrain.trainer import KD_CONFIG, KDLoss, KDTrainer, write_kd_config
 
 
 def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> bool:
@@ -107,9 +108,18 @@ def lora_config(cfg: TrainConfig):
 
 
 def last_checkpoint(out: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(out) if os.path.isdir(out) else None
+    """The newest *complete* checkpoint-N in `out`. A kill while saving leaves a checkpoint-N
+    without trainer_state.json or kd_config.json (written last); resuming from it fails or silently
+    drops optimizer state, so it is skipped (tests/test_kdgen_crash.py kills `kdtrain run`)."""
+    if not os.path.isdir(out):
+        return None
+    steps = [
+        int(name.split("-")[1])
+        for name in os.listdir(out)
+        if re.fullmatch(r"checkpoint-\d+", name)
+        and all(os.path.isfile(os.path.join(out, name, f)) for f in ("trainer_state.json", KD_CONFIG))
+    ]
+    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:

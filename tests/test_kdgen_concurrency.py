@@ -1,0 +1,123 @@
+"""Concurrency (issue 7, item 4): two `kdgen generate` processes on the same request and root split
+the shards through per-shard claims and never corrupt each other; the lock files behave on local
+disks and S3 (exclusive create, stale locks of dead processes broken at once, live ones respected).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import kdgen.generate as gen
+from kdgen import format as fmt
+from kdgen import locks
+from kdgen.locks import FileLock
+from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401
+from kdgen_s3 import s3_server  # noqa: F401  (fixture)
+from kdgen_store_helpers import KDGEN, child_env, cli_args, small_config
+
+
+def test_two_processes_on_one_request_split_the_work(tmp_path, tiny_model_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", CHAT_ROWS)
+    cfg = small_config(prompts, str(tmp_path / "together"), tiny_model_dir)
+    procs = [subprocess.Popen([KDGEN, *cli_args(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    urls = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(urls) == 1
+    url = urls.pop()
+    assert_valid(url)
+    assert sorted(p.name for p in Path(url).iterdir()) == ["README.md", "data", "manifest.json"]  # no locks, no plan left
+    single = gen.run(small_config(prompts, str(tmp_path / "alone"), tiny_model_dir))
+    assert rows_of(url) == rows_of(single)
+    for name in fmt.list_shards(*fmt.open_fs(url)):
+        assert (Path(url) / "data" / name).read_bytes() == (Path(single) / "data" / name).read_bytes()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "ds")
+    return request.getfixturevalue("s3_server")() + "/ds"
+
+
+def test_lock_is_exclusive_and_released(store):
+    fs, path = fmt.open_fs(store)
+    a, b = FileLock(fs, locks.lock_path(path, "x")), FileLock(fs, locks.lock_path(path, "x"))
+    assert a.try_acquire()
+    assert not b.try_acquire()  # a live holder (this very process)
+    info = b.holder()
+    assert info["pid"] == os.getpid() and info["host"] == locks.HOST and info["token"] == a.token
+    a.refresh()
+    assert not a.lost
+    a.release()
+    assert b.try_acquire() and b.holder()["token"] == b.token
+    a_again = FileLock(fs, locks.lock_path(path, "x"))
+    assert not a_again.try_acquire()
+    b.release()
+    assert not fs.exists(locks.lock_path(path, "x"))
+
+
+def _plant(fs, path: str, **record) -> None:
+    base = {"token": "planted", "pid": os.getpid(), "host": locks.HOST, "created": time.time(), "refreshed": time.time()}
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(json.dumps({**base, **record}).encode())
+
+
+def test_stale_locks_are_broken_live_ones_kept(store):
+    fs, path = fmt.open_fs(store)
+    lp = locks.lock_path(path, "shard")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _plant(fs, lp, pid=dead.pid)  # SIGKILLed run on this host: broken at once
+    lock = FileLock(fs, lp)
+    assert lock.try_acquire() and lock.holder()["token"] == lock.token
+    lock.release()
+
+    _plant(fs, lp, host="other-machine", pid=1)  # another machine, fresh heartbeat: respected
+    assert not FileLock(fs, lp).try_acquire()
+    _plant(fs, lp, host="other-machine", pid=1, refreshed=time.time() - locks.STALE_S - 5)  # no heartbeat for too long
+    lock = FileLock(fs, lp)
+    assert lock.try_acquire()
+    lock.release()
+
+
+def test_lock_lost_to_another_process_is_noticed(tmp_path):
+    fs, path = fmt.open_fs(str(tmp_path))
+    lock = FileLock(fs, locks.lock_path(path, "x"))
+    assert lock.try_acquire()
+    _plant(fs, lock.path, token="someone-else")  # we were judged stale and someone took over
+    lock.refresh()
+    assert lock.lost
+    lock.release()  # leaves the other holder's lock alone
+    assert FileLock(fs, lock.path).holder()["token"] == "someone-else"
+
+
+def test_a_waiting_run_finishes_after_the_holder(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A shard claimed by a live process is waited for, not generated twice."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", CHAT_ROWS[:2])
+    cfg = small_config(prompts, str(tmp_path / "out"), tiny_model_dir)
+    ref = gen.run(small_config(prompts, str(tmp_path / "ref"), tiny_model_dir))
+    ds = tmp_path / "out" / Path(ref).name
+    claim = FileLock(*fmt.open_fs(str(ds)))
+    claim.path = locks.lock_path(str(ds), fmt.shard_name(1, 2))
+    assert claim.try_acquire()  # "another process" holds shard 1 ...
+
+    def holder_finishes():  # ... and writes it while we wait
+        if claim.held:
+            (ds / "data").mkdir(parents=True, exist_ok=True)
+            (ds / "data" / fmt.shard_name(1, 2)).write_bytes((Path(ref) / "data" / fmt.shard_name(1, 2)).read_bytes())
+            claim.release()
+
+    monkeypatch.setattr(gen, "_pause", holder_finishes)
+    url = gen.run(cfg)
+    assert "waiting for 1 shard(s) that another process is writing" in capsys.readouterr().err
+    assert_valid(url)
+    assert rows_of(url) == rows_of(ref)
