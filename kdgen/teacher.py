@@ -75,9 +75,9 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def load_teacher(spec: str, dtype: str = "auto") -> Teacher:
+    model = resolve(spec)  # before importing transformers (seconds): a bad spec fails at once
     from transformers import AutoConfig, AutoTokenizer
 
-    model = resolve(spec)
     try:
         # never run code shipped with a checkpoint (issue 7); transformers would otherwise ask on a terminal
         config = AutoConfig.from_pretrained(model.path, trust_remote_code=False)
