@@ -12,13 +12,12 @@ docs are the help below) and calls a plain function. User errors (`KdError`) pri
 
 from __future__ import annotations
 
-import sys
 from typing import List, Optional
 
 import typer
 
 from kdeval.config import CompareConfig, EvalConfig, LmEvalConfig
-from kdgen.errors import KdError
+from kdgen.errors import run_cli
 
 app = typer.Typer(
     name="kdeval",
@@ -102,14 +101,7 @@ def lm_eval_cmd(
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
-    try:
-        app()
-    except KdError as e:
-        print(f"kdeval: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("kdeval: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_cli(app, "kdeval", "nothing was written for the unfinished models")
 
 
 if __name__ == "__main__":

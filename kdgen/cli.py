@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from kdgen.errors import KdError
+from kdgen.errors import run_cli
 from kdgen.generate import GenerateConfig
 
 app = typer.Typer(
@@ -224,14 +224,7 @@ def pull(
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
-    try:
-        app()
-    except KdError as e:
-        print(f"kdgen: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("kdgen: interrupted; complete shards are kept — run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+    run_cli(app, "kdgen", "complete shards are kept — run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,18 @@ def collect(problems: list[str]) -> None:
     """Raise one `ConfigError` naming every problem, if there are any."""
     if problems:
         raise ConfigError(problems)
+
+
+def run_cli(app, prog: str, interrupted: str) -> None:
+    """Run a typer app as a console script: a `KdError` becomes one line on stderr and exit 2
+    (no traceback); Ctrl-C prints `interrupted` and exits 130. Shared by kdgen, kdtrain, kdeval."""
+    import sys
+
+    try:
+        app()
+    except KdError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
+        sys.exit(130)

@@ -15,14 +15,13 @@ exit 2. Test: `pytest tests/test_kdtrain_cli.py`.
 from __future__ import annotations
 
 import inspect
-import sys
 import typing
 from dataclasses import MISSING, fields
 from typing import List, Optional
 
 import typer
 
-from kdgen.errors import KdError
+from kdgen.errors import KdError, run_cli
 from kdtrain.config import FIELD_TYPES, RECIPES, TrainConfig, load_config
 
 app = typer.Typer(
@@ -116,14 +115,7 @@ def recipes() -> None:
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
-    try:
-        app()
-    except KdError as e:
-        print(f"kdtrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("kdtrain: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
+    run_cli(app, "kdtrain", "run the same command again to resume from the last checkpoint")
 
 
 if __name__ == "__main__":
