@@ -57,7 +57,7 @@ def render() -> Path:
         r = json.loads(path.read_text())
         m = r.get("machine", {})
         lines += [
-            f"## {r.get('name', path.stem)}",
+            f"## {r.get('name') or r.get('benchmark') or path.stem}",
             "",
             f"- command: `{r.get('command', '?')}`",
             f"- machine: {m.get('cpu_count')} CPU cores, GPU: {m.get('gpu') or 'none'}, Python {m.get('python')}, "
@@ -68,7 +68,11 @@ def render() -> Path:
             lines.append(f"- targets: `{json.dumps(r.get('targets') or r.get('target'))}`")
         lines += ["", "| figure | value |", "|---|---|"]
         flat: list = []
-        _flatten("", r.get("figures", {}), flat)
+        figures = r.get("figures") or {
+            key: v for key, v in r.items() if key not in ("name", "benchmark", "created", "machine", "setup", "command", "targets", "target")
+        }
+        _flatten("", figures, flat)
+        flat = [(key, v) for key, v in flat if ".runs." not in f".{key}."]
         lines += [f"| {k} | {v} |" for k, v in flat]
         lines.append("")
     out = ROOT / "BENCHMARKS.md"
