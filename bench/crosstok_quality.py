@@ -2,6 +2,7 @@
 
     python bench/crosstok_quality.py                 # defaults below; a few minutes on 2 CPU cores
     python bench/crosstok_quality.py --steps 80 --train-prompts 128
+    python bench/crosstok_quality.py --train-data DS --heldout-data DS   # existing SmolLM2 datasets
 
 1. Teacher datasets from the packaged SmolLM2-135M-Instruct (kdgen, hf backend, sampled at
    temperature 0.7, k=16): --train-prompts prompts of data/train.jsonl, --heldout-prompts of
@@ -53,6 +54,9 @@ def _prompts(src: Path, n: int, out: Path) -> Path:
 def teacher_datasets(args, work: Path) -> tuple[str, str]:
     from kdgen.generate import GenerateConfig, run
     from kdgen.models import cache_dir
+
+    if args.train_data and args.heldout_data:
+        return args.train_data, args.heldout_data
 
     root = cache_dir() / "bench" / "crosstok"
     out = []
@@ -152,8 +156,10 @@ def evaluate(model_dir: str, heldout: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-prompts", type=int, default=128)
-    ap.add_argument("--heldout-prompts", type=int, default=32)
+    ap.add_argument("--train-prompts", type=int, default=96)
+    ap.add_argument("--heldout-prompts", type=int, default=24)
+    ap.add_argument("--train-data", help="Use this SmolLM2 teacher dataset instead of generating one (with --heldout-data).")
+    ap.add_argument("--heldout-data", help="Held-out SmolLM2 teacher dataset (with --train-data).")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--steps", type=int, default=48)
