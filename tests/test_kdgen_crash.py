@@ -26,35 +26,60 @@ def _start(args: list[str], exe: str = KDGEN) -> subprocess.Popen:
     return subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
 
 
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns if path.exists() else 0
+
+
+def _until_ready(proc: subprocess.Popen, root: Path, before: int) -> float:
+    """Wait until the run has read its prompts and teacher config and touched the output root (its
+    write probe), or has exited; returns the seconds it took. Before that moment a kill only
+    interrupts imports; after it come plan, engine start, shards, renames and the commit."""
+    t0 = time.perf_counter()
+    while proc.poll() is None and _mtime(root) == before:
+        time.sleep(0.01)
+    return time.perf_counter() - t0
+
+
 def test_generate_survives_20_sigkills(tmp_path, tiny_model_dir):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", CHAT_ROWS)
     ref_cfg = small_config(prompts, str(tmp_path / "ref"), tiny_model_dir)  # six shards: six commit points
+    proc = _start(cli_args(ref_cfg))
+    _until_ready(proc, tmp_path / "ref", 0)
     t0 = time.perf_counter()
-    ref = cli(*cli_args(ref_cfg))
-    duration = time.perf_counter() - t0
-    assert ref.returncode == 0, ref.stderr
-    ref_url = ref.stdout.strip().splitlines()[-1]
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    work = time.perf_counter() - t0  # the part of a run worth killing
+    (ref_url,) = [str(p) for p in (tmp_path / "ref").iterdir()]
     expected = rows_of(ref_url)
 
     cfg = small_config(prompts, str(tmp_path / "crash"), tiny_model_dir)
-    ds = tmp_path / "crash" / Path(ref_url).name
+    root = tmp_path / "crash"
+    ds = root / Path(ref_url).name
     rng = random.Random(20)
-    kills = finished_early = 0
+    kills = finished_early = mid_work = 0
     while kills < 20:
-        assert finished_early < 20, "the runs keep finishing before the kill; the test lost its point"
+        assert finished_early < 30, "the runs keep finishing before the kill; the test lost its point"
+        before, shards_before = _mtime(root), len(fmt.list_shards(*fmt.open_fs(str(ds))))
         proc = _start(cli_args(cfg))
-        time.sleep(rng.uniform(0.0, duration))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
+        _until_ready(proc, root, before)
+        if kills % 2:  # every other kill lands after this run wrote a shard: among renames and the commit
+            while proc.poll() is None and len(fmt.list_shards(*fmt.open_fs(str(ds)))) == shards_before:
+                time.sleep(0.01)
+        try:
+            proc.wait(timeout=rng.uniform(0.0, work / 6 if kills % 2 else work))  # a random moment of its work ...
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)  # ... plan, engine start, mid-shard, rename, card, commit
             proc.wait()  # reaped: its pid is gone, so its locks count as stale at once
             kills += 1
+            mid_work += bool(fmt.list_shards(*fmt.open_fs(str(ds)))) and not (ds / fmt.MANIFEST).exists()
             continue
         assert proc.returncode == 0, proc.stderr.read()
-        finished_early += 1  # it completed first: start the dataset over to keep killing real work
+        # it completed first (resumed runs are short): check it, then start over to keep killing real work
+        finished_early += 1
         assert_valid(str(ds))
         assert rows_of(str(ds)) == expected
         fsys, path = fmt.open_fs(str(ds))
         fsys.rm(path, recursive=True)
+    assert mid_work >= 5, f"only {mid_work} of 20 kills hit a half-written dataset"
     resumed = cli(*cli_args(cfg))
     assert resumed.returncode == 0, resumed.stderr
     assert_valid(str(ds))
@@ -73,7 +98,7 @@ def test_kdtrain_resumes_after_sigkills(tmp_path, tiny_model_dir):
     assert made.returncode == 0, made.stderr
     data = made.stdout.strip().splitlines()[-1]
     out = tmp_path / "student"
-    max_steps = 12
+    max_steps = 30
     args = ["run", "--data", data, "--student", tiny_model_dir, "--out", str(out), "--batch-size", "2",
             "--max-steps", str(max_steps), "--save-steps", "2", "--logging-steps", "1", "--warmup-ratio", "0"]  # fmt: skip
 
@@ -88,14 +113,14 @@ def test_kdtrain_resumes_after_sigkills(tmp_path, tiny_model_dir):
         deadline = time.monotonic() + 300
         while complete() == before and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # wait for this run to make progress (a new checkpoint) ...
-        time.sleep(rng.uniform(0.0, 1.5))  # ... then kill it at a random moment: mid-step or mid-save
+        time.sleep(rng.uniform(0.0, 0.5))  # ... then kill it at a random moment: mid-step or mid-save
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read()
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-    assert kills >= 2
+    assert kills == 3
     final = subprocess.run([KDTRAIN, *args], capture_output=True, text=True, env=child_env(), timeout=600)
     assert final.returncode == 0, final.stderr
     assert complete()[-1] == max_steps
