@@ -84,8 +84,8 @@ def prepare(spec: str, role: str, flag: str) -> EvalModel:
     from kdgen.teacher import tokenizer_identity
 
     try:
-        config = AutoConfig.from_pretrained(resolved.path)
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for unreadable checkpoints
         raise KdError(f"{flag} {spec}: cannot load its config/tokenizer from {resolved.path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     rows = int(getattr(config, "vocab_size", None) or len(tokenizer))
@@ -113,7 +113,7 @@ def load_weights(model: EvalModel, dtype: str):
 
     hf_logging.disable_progress_bar()  # our own status line says what is loading
     try:
-        m = AutoModelForCausalLM.from_pretrained(model.path, dtype=getattr(torch, dtype))
+        m = AutoModelForCausalLM.from_pretrained(model.path, dtype=getattr(torch, dtype), trust_remote_code=False)
     except Exception as e:
         raise KdError(f"model {model.spec}: cannot load weights from {model.path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return m.eval()

@@ -63,7 +63,7 @@ def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a bad directory
         raise KdError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {e})") from None
 
@@ -73,7 +73,7 @@ def _load_model(spec: str):
 
     resolved = resolve(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32, trust_remote_code=False)
     except Exception as e:
         raise KdError(f"model {spec!r}: cannot load it from {resolved.path} ({type(e).__name__}: {e})") from None
     return model, _load_tokenizer(resolved.path), resolved.identity()
