@@ -365,7 +365,12 @@ def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """
     protocol = fsspec.core.split_protocol(url)[0]
     options = {} if protocol in (None, "file", "local") else {"use_listings_cache": False}
-    fs, path = fsspec.core.url_to_fs(url, **options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except ImportError as e:  # e.g. gs:// without gcsfs: fsspec names the package to install
+        raise KdError(f"{url}: {e} (pip install it into this environment)") from None
+    except ValueError as e:  # unknown protocol
+        raise KdError(f"{url}: {e}; use a local path or an fsspec URL such as s3://, gs://, hf://") from None
     return fs, path.rstrip("/") or "/"
 
 
