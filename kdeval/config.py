@@ -7,8 +7,10 @@ naming the flag and the fix. Test: `pytest tests/test_kdeval_cli.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
+from kdgen.configs import doc_field as _f
+from kdgen.configs import field_help
 from kdgen.errors import collect
 
 # Metric names a user can ask for with --metrics. Fidelity metrics need --data and a model with the
@@ -20,33 +22,24 @@ BACKENDS = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _f(default, help: str):
-    """A config field with its one docstring (the CLI help is read from here)."""
-    return field(default=default, metadata={"help": help})
-
-
-def _fl(help: str):
-    return field(default_factory=list, metadata={"help": help})
-
-
 class _Help:
     @classmethod
     def help(cls, name: str) -> str:
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+        return field_help(cls, name)
 
 
 @dataclass
 class EvalConfig(_Help):
-    models: list[str] = _fl("Model to score (repeatable): checkpoint directory, .gguf file or built-in name; NAME=SPEC sets its name in the report.")
+    models: list[str] = _f([], "Model to score (repeatable): checkpoint directory, .gguf file or built-in name; NAME=SPEC sets its name in the report.")
     teacher: str | None = _f(None, "The teacher, scored the same way as the students so the report shows the trade-off (its outputs also serve as references when none are given).")
-    baselines: list[str] = _fl("Baseline model (repeatable), e.g. the student before distillation; shown beside the students.")
+    baselines: list[str] = _f([], "Baseline model (repeatable), e.g. the student before distillation; shown beside the students.")
     data: str | None = _f(None, "Held-out teacher dataset (directory or URL of OUT/<fingerprint>): fidelity metrics, prompts, and the teacher's completions as references.")
     prompts: str | None = _f(None, "Prompt file (.jsonl, .parquet, .csv) for generation when no --data is given (or to override its prompts).")
     prompt_column: str | None = _f(None, "Column holding the prompt in --prompts. Default: messages, prompt, text, instruction, question or input.")
     references: str | None = _f(None, "Reference completions, one per prompt (.jsonl/.csv with a reference column, or .txt one per line). Default: the teacher's completions.")
     reference_column: str | None = _f(None, "Column holding the reference in --references. Default: reference, completion, output, answer, target or text.")
     out: str = _f("kdeval-out", "Output directory: results.json, REPORT.md and plots.")
-    metrics: list[str] = _fl(f"Metrics to compute (repeatable; default all): {', '.join(METRICS)}.")
+    metrics: list[str] = _f([], f"Metrics to compute (repeatable; default all): {', '.join(METRICS)}.")
     fidelity: bool = _f(True, "Score fidelity to the teacher on --data. --no-fidelity uses the dataset only for prompts and references (for models with another tokenizer).")
     limit: int | None = _f(None, "Use only the first N dataset rows / prompts.")
     samples: int = _f(3, "Side-by-side samples (prompt, reference, every model's output) kept for the report.")
@@ -62,7 +55,7 @@ class EvalConfig(_Help):
 
 @dataclass
 class CompareConfig(_Help):
-    runs: list[str] = _fl("`kdeval run` output directories (or their results.json files) to compare.")
+    runs: list[str] = _f([], "`kdeval run` output directories (or their results.json files) to compare.")
     out: str = _f("kdeval-report", "Output directory: REPORT.md, PNG plots and the merged results.json.")
     samples: int = _f(3, "Side-by-side samples to show in REPORT.md.")
 
@@ -70,7 +63,7 @@ class CompareConfig(_Help):
 @dataclass
 class LmEvalConfig(_Help):
     model: str = _f("", "Checkpoint directory, .gguf file or built-in name to hand to lm-evaluation-harness.")
-    tasks: list[str] = _fl("Task names (standard lm-eval tasks need their data locally) or local task YAML files (repeatable). Default: data/lm_eval/kd_tiny_task.yaml.")
+    tasks: list[str] = _f([], "Task names (standard lm-eval tasks need their data locally) or local task YAML files (repeatable). Default: data/lm_eval/kd_tiny_task.yaml.")
     out: str = _f("kdeval-lm-eval", "Output directory for lm_eval_results.json.")
     limit: int | None = _f(None, "Evaluate only the first N documents of each task.")
     num_fewshot: int | None = _f(None, "Few-shot examples per prompt (default: the task's own setting).")

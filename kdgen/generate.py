@@ -28,7 +28,7 @@ import posixpath
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import pyarrow as pa
@@ -37,6 +37,8 @@ import kdgen
 from kdgen import format as fmt
 from kdgen import locks
 from kdgen.backends import Request, SamplingConfig, default_backend, engine_version, make_backend, request_seed, vllm_available
+from kdgen.configs import doc_field as _f
+from kdgen.configs import field_help
 from kdgen.errors import KdError, collect
 from kdgen.progress import RowProgress, console, status
 from kdgen.prompts import Prompt, encode_prompt, load_prompts
@@ -46,11 +48,6 @@ from kdgen.teacher import Teacher, load_teacher
 
 PLAN = ".kdgen-plan.json"
 WAIT_POLL_S = 1.0  # how often a process waiting for another's shards or lock looks again
-
-
-def _f(default, help: str, **kw):
-    """A config field with its one docstring (the CLI help is read from here)."""
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -81,7 +78,7 @@ class GenerateConfig:
 
     @classmethod
     def help(cls, name: str) -> str:
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+        return field_help(cls, name)
 
 
 # The generation settings that go into the fingerprint (the rest of the config does not).

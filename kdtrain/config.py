@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kdgen.configs import doc_field as _f
 from kdgen.errors import ConfigError, KdError, collect
 from kdtrain.losses import DIVERGENCES, TAILS, SparseKD
 from kdtrain.vocab_map import VOCAB_MATCH
@@ -27,13 +28,6 @@ from kdtrain.vocab_map import VOCAB_MATCH
 RECIPES = Path(__file__).resolve().parent / "recipes"
 MODES = ("logit", "text")
 OVERFLOW = ("truncate", "refuse")
-
-
-def _f(default, help: str, **kw):
-    """A config field with its one docstring (the CLI help is read from here)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
