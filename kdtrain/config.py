@@ -43,6 +43,7 @@ class TrainConfig:
     mode: str = _f("logit", "logit: sparse top-k KD (+ optional hard loss); text: SFT on the teacher's completions (any tokenizer pair).")
     loss: str = _f("fkl", "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl.")
     tail: str = _f("bucket", "bucket: top-k plus one tail bucket holding the remaining mass (unbiased); renorm: renormalise the top-k (biased, for comparison).")
+    top_k: int = _f(0, "Use only the N most likely of the stored top-k ids per position (0 = all k); the rest of their mass joins the tail bucket. Studies smaller k on one dataset.")
     temperature: float = _f(1.0, "Softening temperature, applied to both sides' bucket log-probs; the loss is scaled by T^2.")
     alpha: float = _f(0.1, "Skew weight of skl/srkl, in [0, 1): KL(p || a*p + (1-a)*q) (DistiLLM).")
     beta: float = _f(0.5, "JSD interpolation weight, in (0, 1): m = b*teacher + (1-b)*student.")
@@ -124,6 +125,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--beta {cfg.beta}: JSD weight must be in (0, 1)")
     if cfg.kd_weight < 0 or cfg.ce_weight < 0:
         p.append(f"--kd-weight {cfg.kd_weight} / --ce-weight {cfg.ce_weight}: weights must be >= 0")
+    if cfg.top_k < 0:
+        p.append(f"--top-k {cfg.top_k}: must be >= 0 (0 = all the stored top-k)")
     if cfg.chunk_ll_weight < 0:
         p.append(f"--chunk-ll-weight {cfg.chunk_ll_weight}: must be >= 0")
     if cfg.mode == "logit" and cfg.kd_weight == 0 and cfg.ce_weight == 0 and cfg.chunk_ll_weight == 0:

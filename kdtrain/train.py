@@ -40,6 +40,10 @@ def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> b
             f"the student has {student.embedding_rows:,} embedding rows but its tokenizer has {len(student.tokenizer):,} "
             f"tokens; resize the student's embeddings first"
         )
+    if cfg.top_k > data.k:
+        raise KdError(f"--top-k {cfg.top_k} exceeds the k={data.k} stored in the dataset; use at most {data.k} (0 = all)")
+    if cfg.top_k and cfg.mode == "logit" and not same:
+        raise KdError("--top-k applies to a student with the teacher's tokenizer; leave it at 0 for cross-tokenizer KD")
     if same and student.embedding_rows < len(student.tokenizer):
         raise KdError(
             f"the student has {student.embedding_rows:,} embedding rows but its tokenizer has {len(student.tokenizer):,} "
@@ -172,7 +176,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
     if cross is not None:
         record["crosstok"] = {"vocab_map": cross.vmap.summary(cross.teacher), "vocab_match": cfg.vocab_match, **prepared.stats}
     if cfg.mode == "logit":
-        kd_loss = KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.chunk_size, cfg.chunk_ll_weight if cross else 0.0)
+        kd_loss = KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.chunk_size, cfg.chunk_ll_weight if cross else 0.0, cfg.top_k)
     else:
         kd_loss = KDLoss(cfg.sparse_kd(), 1.0, 0.0, cfg.chunk_size)
     collator_cls = CrossKDCollator if cross is not None else KDCollator

@@ -45,6 +45,7 @@ class KDLoss:
     kd_weight: float
     chunk_size: int = 0
     span_weight: float = 0.0  # chunk-likelihood term (cross-tokenizer batches only)
+    top_k: int = 0  # use the first top_k of the stored (descending) top-k; 0 = all
 
 
 @dataclass
@@ -78,8 +79,9 @@ def attach_kd_head(model, loss: KDLoss) -> None:
             weight = weight.full_tensor()
         h = hidden[mask].to(weight.device)
         if "topk_ids" in kd_targets and loss.kd_weight:
-            ids = kd_targets["topk_ids"][:, 1:][mask].long()
-            lps = kd_targets["topk_logprobs"][:, 1:][mask].float()
+            keep = slice(None, loss.top_k or None)  # stored best first: the first N are the top-N
+            ids = kd_targets["topk_ids"][:, 1:, keep][mask].long()
+            lps = kd_targets["topk_logprobs"][:, 1:, keep][mask].float()
         else:
             ids = torch.zeros((h.shape[0], 0), dtype=torch.long, device=h.device)
             lps = torch.zeros((h.shape[0], 0), dtype=torch.float32, device=h.device)

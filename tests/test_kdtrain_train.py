@@ -259,6 +259,23 @@ def test_padded_embedding_rows(world, tokenizer, tmp_path):
     trainer.train()
 
 
+def test_top_k_uses_the_best_n_of_the_stored_k(world, tmp_path):
+    """--top-k 4 on a k=8 dataset is the k=4 dataset of the same (greedy) teacher run: same loss."""
+    from kdtrain.train import build_trainer
+
+    k4 = _generate(world["prompts"], tmp_path / "k4", world["teacher"], k=4)
+    sums = {}
+    for name, data, top_k in (("k8", world["data"], 0), ("k8-top4", world["data"], 4), ("k4", k4, 0)):
+        trainer = build_trainer(_cfg(world, tmp_path / name, data=[data], top_k=top_k, loss="jsd"))
+        batch = _first_batch(trainer)
+        out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], kd_targets=batch)
+        sums[name] = out.kd_sum.item()
+    assert sums["k8-top4"] == pytest.approx(sums["k4"], rel=1e-5)
+    assert sums["k8-top4"] != pytest.approx(sums["k8"], rel=1e-3)
+    with pytest.raises(KdError, match="exceeds the k=8 stored"):
+        build_trainer(_cfg(world, tmp_path / "o", top_k=9))
+
+
 def test_bad_inputs(world, tmp_path):
     from kdtrain.train import run
 
