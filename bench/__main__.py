@@ -24,6 +24,8 @@ PRESETS = {
         ("hf_vs_vllm-teacher", ["bench/generate_speed.py", "--model", "teacher", "--hf-vs-vllm", "--prompts", "64", "--max-new-tokens", "48"]),
         ("storage", ["bench/storage.py", "--prompts", "96", "--max-new-tokens", "192"]),
         ("train_speed", ["bench/train_speed.py"]),
+        ("quality", ["bench/quality.py"]),
+        ("crosstok_quality", ["bench/crosstok_quality.py"]),
     ],
     "gpu": [
         ("generate_speed-tiny", ["bench/generate_speed.py", "--model", "tiny", "--prompts", "512", "--max-new-tokens", "256"]),
@@ -31,6 +33,8 @@ PRESETS = {
         ("hf_vs_vllm-teacher", ["bench/generate_speed.py", "--model", "teacher", "--hf-vs-vllm", "--prompts", "64", "--max-new-tokens", "128"]),
         ("storage", ["bench/storage.py", "--prompts", "510", "--max-new-tokens", "256"]),
         ("train_speed", ["bench/train_speed.py"]),
+        ("quality", ["bench/quality.py", "--train-prompts", "510", "--max-new-tokens", "256", "--eval-new-tokens", "128", "--batch", "16"]),
+        ("crosstok_quality", ["bench/crosstok_quality.py", "--steps", "200", "--train-prompts", "510", "--heldout-prompts", "70"]),
     ],
 }
 
