@@ -365,6 +365,14 @@ def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """
     protocol = fsspec.core.split_protocol(url)[0]
     options = {} if protocol in (None, "file", "local") else {"use_listings_cache": False}
+    if protocol == "hf":
+        from huggingface_hub.constants import is_offline_mode
+
+        if is_offline_mode():  # HfFileSystem never reads the local cache: offline, every call fails
+            raise KdError(
+                f"{url}: HF_HUB_OFFLINE is set, and hf:// reads the Hub itself (no offline mode); unset it where the Hub "
+                f"is reachable, or use a local copy of the dataset (`kdgen pull` it there)"
+            )
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:  # e.g. gs:// without gcsfs: fsspec names the package to install

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 
 import pytest
+
+from kdgen_store_helpers import bucket_factory
 
 _ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -45,12 +46,7 @@ def s3_server():
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(endpoint_url=endpoint)
 
-    def bucket() -> str:
-        name = f"kd-{uuid.uuid4().hex[:12]}"
-        fs.mkdir(name)
-        return f"s3://{name}"
-
-    yield bucket
+    yield bucket_factory(fs, "s3")
     server.stop()
     for k, v in saved.items():
         if v is None:

@@ -1,11 +1,14 @@
 """Helpers for the issue-7 tests (stores, reuse, concurrency, crashes, corruption): a small greedy
-config for the tiny model and the reference run every other run must equal."""
+config for the tiny model and the reference run every other run must equal, and the bucket factory
+the loopback store fixtures (tests/kdgen_s3.py, tests/kdgen_gcs.py) yield."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,3 +45,14 @@ def child_env() -> dict[str, str]:
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the `kdgen` console script with the current environment."""
     return subprocess.run([KDGEN, *args], capture_output=True, text=True, timeout=timeout, env=child_env())
+
+
+def bucket_factory(fs, scheme: str) -> Callable[[], str]:
+    """`bucket() -> "<scheme>://<new bucket>"`: each call creates a new, empty bucket on `fs`."""
+
+    def bucket() -> str:
+        name = f"kd-{uuid.uuid4().hex[:12]}"
+        fs.mkdir(name)
+        return f"{scheme}://{name}"
+
+    return bucket
