@@ -39,3 +39,27 @@ def run_cli(app, prog: str, interrupted: str) -> None:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if not _unreachable(e):
+            raise
+        print(
+            f"{prog}: error: cannot reach the store: {e}; check the URL, the network, and the endpoint settings "
+            f"(AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL for S3, STORAGE_EMULATOR_HOST for a GCS emulator)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+# connection failures of the store clients fsspec drives (botocore, httpx, aiohttp); not all are OSErrors
+_UNREACHABLE = {"EndpointConnectionError", "ConnectError", "ConnectTimeout", "ClientConnectorError", "ServerTimeoutError"}
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether `e`, or an exception it was raised from, is a failure to connect to a remote store."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConnectionError) or any(c.__name__ in _UNREACHABLE for c in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

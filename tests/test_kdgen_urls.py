@@ -25,3 +25,20 @@ def test_unusable_store_url(url, says):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdgen: error:") and says in lines[0]
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "url, env",
+    [
+        ("s3://bucket/x", {"FSSPEC_S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}),
+        ("hf://datasets/org/name", {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+    ],
+)
+def test_unreachable_store_is_one_line(url, env):
+    """A store that refuses the connection (port 9 on loopback: nothing listens) is one line, exit 2."""
+    import os
+
+    res = subprocess.run([sys.executable, "-m", "kdgen.cli", "ls", url], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdgen: error: cannot reach the store"), res.stderr
