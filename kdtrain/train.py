@@ -8,11 +8,13 @@
 Every checkpoint (checkpoint-N/ and the final one at --out) carries `kd_config.json`: the resolved
 config, the datasets with their fingerprints, how the student was made, the tokenizer relation.
 
-Test: `pytest tests/test_kdtrain_run.py` (end to end on CPU, with resume).
+Test: `pytest tests/test_kdtrain_train.py` (end to end on CPU, with resume), `tests/test_kdtrain_parallel.py`
+(bf16, gradient checkpointing, report_to, DDP / FSDP / DeepSpeed launches).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kdgen.errors import KdError
+from kdgen.errors import KdError, collect
 from kdgen.progress import console, quiet
 from kdtrain import __version__
 from kdtrain.config import TrainConfig, validate
@@ -67,9 +69,54 @@ def fit_length(cfg: TrainConfig, student: Student) -> int:
     return cfg.max_length
 
 
+def report_targets(cfg: TrainConfig) -> list[str]:
+    """--report-to as transformers' list of loggers; KdError for an unknown or uninstalled one
+    (transformers would raise only after the data and the student are loaded)."""
+    from transformers.integrations import integration_utils as hf
+
+    names = [r.strip() for r in cfg.report_to.split(",") if r.strip() and r.strip() != "none"]
+    if names == ["all"]:
+        return names
+    known, available = hf.INTEGRATION_TO_CALLBACK, hf.get_available_reporting_integrations()
+    p = [f"--report-to {r}: unknown logger; choose from none, all, {', '.join(known)}" for r in names if r not in known]
+    # flyte is the one logger transformers cannot check for
+    p += [f"--report-to {r}: its package is not installed here (pip install {r})" for r in names if r in known and r not in available and r != "flyte"]
+    collect(p)
+    return names
+
+
+def check_deepspeed(cfg: TrainConfig) -> None:
+    if not cfg.deepspeed:
+        return
+    if not Path(cfg.deepspeed).is_file():
+        raise KdError(f"--deepspeed {cfg.deepspeed}: no such file (expected a DeepSpeed JSON config)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise KdError(f"--deepspeed {cfg.deepspeed}: the deepspeed package is not installed here (pip install deepspeed)")
+
+
+def check_parallel(trainer: KDTrainer, cfg: TrainConfig) -> None:
+    """Refuse a launch that accelerate did not set up as asked. Without GPUs accelerate (1.15)
+    ignores FSDP (it trains DDP) and gives DeepSpeed no process group of its own (each rank thinks it
+    is alone; DeepSpeed then fails on a batch-size assert). README, "Precision, logging, several processes"."""
+    state = trainer.accelerator.state
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    deepspeed = bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    wrong = [f"{name} requested" for name, asked, got in (("FSDP", fsdp, trainer.is_fsdp_enabled), ("DeepSpeed", deepspeed, trainer.is_deepspeed_enabled)) if asked and not got]
+    if launched != state.num_processes:
+        wrong.append(f"{launched} processes launched")
+    if wrong:
+        raise KdError(
+            f"{' and '.join(wrong)}, but accelerate set up {state.distributed_type.value} over {state.num_processes} "
+            f"process(es) on {state.device.type}: it runs FSDP and DeepSpeed only on GPUs (or XPU/NPU/HPU). "
+            f"On CPU use `accelerate launch --multi_gpu --num_processes N -m kdtrain run ...` (DDP over gloo)"
+        )
+
+
 def training_args(cfg: TrainConfig):
     from trl import SFTConfig
 
+    check_deepspeed(cfg)
     return SFTConfig(
         output_dir=cfg.out,
         per_device_train_batch_size=cfg.batch_size,
@@ -84,12 +131,17 @@ def training_args(cfg: TrainConfig):
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=cfg.bf16,
+        # no GPU: say so. Else transformers refuses --bf16 ("doesn't support bf16/gpu") and, under
+        # torchrun (`accelerate launch --multi_gpu`), every rank trains alone. With it: DDP over gloo,
+        # and --bf16 runs the forward under torch's CPU autocast (weights and optimizer stay float32).
+        # Not with --deepspeed: transformers would then skip DeepSpeed.
+        use_cpu=not torch.accelerator.is_available() and not cfg.deepspeed,
         gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        report_to=[r for r in cfg.report_to.split(",") if r and r != "none"] or "none",
+        report_to=report_targets(cfg) or "none",
         deepspeed=cfg.deepspeed,
         dataloader_num_workers=cfg.dataloader_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -131,6 +183,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
     from accelerate import PartialState
 
     validate(cfg)
+    args = training_args(cfg)  # its problems (--report-to, --deepspeed) before the data loads
     if quiet():
         from transformers.utils import logging as hf_logging
 
@@ -180,9 +233,9 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
     else:
         kd_loss = KDLoss(cfg.sparse_kd(), 1.0, 0.0, cfg.chunk_size)
     collator_cls = CrossKDCollator if cross is not None else KDCollator
-    return KDTrainer(
+    trainer = KDTrainer(
         model=student.model,
-        args=training_args(cfg),
+        args=args,
         train_dataset=to_hf_dataset(prepared),
         data_collator=collator_cls(prepared, tok.pad_token_id, with_topk=cfg.mode == "logit"),
         processing_class=tok,
@@ -191,6 +244,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         kd_loss=kd_loss,
         kd_record=record,
     )
+    check_parallel(trainer, cfg)
+    return trainer
 
 
 def run(cfg: TrainConfig, callbacks: list | None = None) -> str:

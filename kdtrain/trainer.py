@@ -1,7 +1,8 @@
 """`KDTrainer`: TRL's `SFTTrainer` with the sparse KD loss in `compute_loss`.
 
 Everything else — accelerate/DeepSpeed/FSDP, PEFT, bf16, gradient accumulation, checkpointing,
-resume, `report_to` — is SFTTrainer's. What this adds:
+resume, `report_to` — is SFTTrainer's (each proven on CPU in tests/test_kdtrain_parallel.py and
+tests/test_kdtrain_train.py). What this adds:
 
 * `attach_kd_head(model)`: patches the model's forward so that
   `model(input_ids, attention_mask, kd_targets={...})` runs the backbone and returns the loss sums
@@ -16,7 +17,7 @@ resume, `report_to` — is SFTTrainer's. What this adds:
   (sequence tokens, prompts included, per wall second, all processes).
 * writes `kd_config.json` into every checkpoint.
 
-Test: `pytest tests/test_kdtrain_trainer.py`.
+Test: `pytest tests/test_kdtrain_train.py tests/test_kdtrain_parallel.py`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def attach_kd_head(model, loss: KDLoss) -> None:
         labels = kd_targets["labels"][:, 1:]
         mask = labels != -100
         weight = self.get_output_embeddings().weight
-        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: a head sharded in a unit of its own (accelerate's is whole here)
             weight = weight.full_tensor()
         h = hidden[mask].to(weight.device)
         if "topk_ids" in kd_targets and loss.kd_weight:
