@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parents[1]
+BIN = Path(sys.executable).parent  # the venv's console scripts: kdgen, kdtrain, kdeval
 
 
 def machine() -> dict:
@@ -41,6 +48,30 @@ def results_path(name: str) -> Path:
 def write_result(name: str, result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     results_path(name).write_text(json.dumps(result, indent=2) + "\n")
+
+
+@dataclass
+class Timed:
+    """A finished command: wall time, CPU time (user + system, its child processes included) and output."""
+
+    wall_s: float
+    cpu_s: float
+    stdout: str
+    stderr: str
+
+
+def cli(tool: str, *args: str) -> Timed:
+    """Run a kd command (kdgen, kdtrain, kdeval) in a fresh process from the repository root, as a
+    user would, and time it. CPU time moves less than wall time when other jobs share the machine.
+    Stops the benchmark, showing the command's stderr, when it fails."""
+    cmd = [str(BIN / tool), *args]
+    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        sys.exit(f"{tool} failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Timed(wall, cpu, done.stdout, done.stderr)
 
 
 def tiny_model(tokenizer, layers: int = 2, hidden: int = 64) -> str:
