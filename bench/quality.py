@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, write_result  # noqa: E402
+from bench.common import cli, machine, write_result  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 LAYERS = "0,6,12,18,24,29"
 ARMS = {
     "text": ["--mode", "text"],
@@ -58,13 +55,10 @@ METRICS = ("kl", "top1", "ece", "ppl", "rougeL")
 
 
 def _cli(tool: str, *args: str) -> str:
-    """Run a kd CLI; its last stdout line (the dataset path for kdgen). Stops the bench on failure."""
-    cmd = [str(BIN / tool), *args]
-    print("$", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    if done.returncode:
-        sys.exit(f"{tool} failed (exit {done.returncode}): {' '.join(cmd)}")
-    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    """Run a kd CLI (stops the bench on failure); its last stdout line: the dataset path for kdgen."""
+    print("$", tool, " ".join(args), flush=True)
+    out = cli(tool, *args).stdout.strip()
+    return out.splitlines()[-1] if out else ""
 
 
 def teacher_datasets(args) -> tuple[str, str]:
