@@ -164,59 +164,78 @@ def _overflow(where: str, n: int, longest: int, max_length: int) -> KdError:
     )
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ranges starts[i] .. starts[i] + lengths[i] - 1: [sum lengths] int64 indices."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - ends + lengths, lengths)
+
+
+def _rows_with(values: np.ndarray, offsets: np.ndarray, limit: int) -> np.ndarray:
+    """[rows] bool: rows (cut by `offsets`) holding a value >= limit."""
+    rows = len(offsets) - 1
+    if not values.size or values.max() < limit:  # the usual case: one cheap pass
+        return np.zeros(rows, bool)
+    row_of = np.repeat(np.arange(rows), np.diff(offsets))
+    return np.bincount(row_of[values >= limit], minlength=rows) > 0
+
+
 def logit_examples(data: TeacherData, max_length: int, overflow: str, student_rows: int, limit: int | None = None) -> Prepared:
-    """Rows -> examples with teacher top-k arrays (vectorised per read batch)."""
+    """Rows -> examples with teacher top-k arrays (vectorised per read batch: no loop over rows).
+
+    Where a batch keeps every token (no truncation, nothing dropped) its teacher arrays are taken
+    as they were decoded, not copied through a mask; `tests/test_kdtrain_train.py` checks the result
+    against a row-by-row reference.
+    """
     k = data.k
     parts: dict[str, list] = {"seqs": [], "seq_len": [], "start": [], "t_len": [], "ids": [], "lps": []}
     out = Prepared()
     remaining = limit
     for ds in data.datasets:
-        for b in ds.iter_batches(batch_rows=1024, text=False):
+        for b in ds.iter_batches(batch_rows=1024, text=False, id_dtype=np.int32):
             rows = b.num_rows if remaining is None else min(b.num_rows, remaining)
             if rows <= 0:
                 break
-            t_len = np.diff(b.offsets)[:rows]
-            p_len = np.fromiter((len(p) for p in b.prompt_ids[:rows]), np.int64, rows)
+            n_tok, n_prompt = int(b.offsets[rows]), int(b.prompt_offsets[rows])
+            t_len, p_len = np.diff(b.offsets[: rows + 1]), np.diff(b.prompt_offsets[: rows + 1])
             keep_t = np.minimum(t_len, np.maximum(max_length - p_len, 0))
             too_long = p_len + t_len > max_length
             if too_long.any() and overflow == "refuse":
                 raise _overflow("rows are", int(too_long.sum()), int((p_len + t_len).max()), max_length)
             # rows holding ids the student has no embedding for (sampled from padded teacher rows)
-            row_of_tok = np.repeat(np.arange(rows), t_len)
-            beyond = np.bincount(row_of_tok[b.completion_ids[: b.offsets[rows]] >= student_rows], minlength=rows) > 0
-            beyond |= np.fromiter((p.size > 0 and p.max() >= student_rows for p in b.prompt_ids[:rows]), bool, rows)
+            comp, prompts = b.completion_ids[:n_tok], b.prompt_values[:n_prompt]
+            beyond = _rows_with(comp, b.offsets[: rows + 1], student_rows) | _rows_with(prompts, b.prompt_offsets[: rows + 1], student_rows)
             out.beyond_vocab += int(beyond.sum())
             out.truncated += int((too_long & (keep_t > 0) & ~beyond).sum())
             ok = (keep_t > 0) & ~beyond
             out.dropped += int(((keep_t <= 0) & ~beyond).sum())
             out.rows_in += rows
-            # token mask: the first keep_t[i] completion tokens of each kept row
-            pos = np.arange(b.offsets[rows]) - np.repeat(b.offsets[:rows], t_len)
-            tok_keep = pos < np.repeat(np.where(ok, keep_t, 0), t_len)
-            ids = b.topk_ids[: b.offsets[rows]][tok_keep]
-            lps = b.topk_logprobs[: b.offsets[rows]][tok_keep]
-            comp = b.completion_ids[: b.offsets[rows]][tok_keep]
-            bad = ids >= student_rows
-            if bad.any():  # teacher ids in padded embedding rows the student lacks: their mass joins the tail
+            kept, kt = np.flatnonzero(ok), keep_t[ok]
+            if kt.sum() == n_tok:  # every completion token kept: the decoded arrays as they are
+                ids, lps = b.topk_ids[:n_tok], b.topk_logprobs[:n_tok]
+            else:  # the first keep_t[i] completion tokens of each kept row
+                tok = _ranges(b.offsets[kept], kt)
+                ids, lps = b.topk_ids[tok], b.topk_logprobs[tok]
+            if ids.size and ids.max() >= student_rows:
+                # teacher ids in padded embedding rows the student lacks: their mass joins the tail
+                bad = ids >= student_rows
                 out.dropped_topk_entries += int(bad.sum())
                 lps = np.where(bad, -np.inf, lps).astype(np.float32)
                 ids = np.where(bad, 0, ids)
-            kt = keep_t[ok]
-            comp_off = _offsets(kt)
-            kept_prompts = [p for p, o in zip(b.prompt_ids[:rows], ok) if o]
-            for i, p in enumerate(kept_prompts):
-                parts["seqs"] += [p, comp[comp_off[i] : comp_off[i + 1]]]
+            # each kept row's sequence: its prompt, then its kept completion tokens
+            source = np.concatenate([prompts, comp])
+            starts = np.stack([b.prompt_offsets[kept], n_prompt + b.offsets[kept]], axis=1).reshape(-1)
+            parts["seqs"].append(source[_ranges(starts, np.stack([p_len[ok], kt], axis=1).reshape(-1))])
             parts["seq_len"].append(p_len[ok] + kt)
             parts["start"].append(p_len[ok])
             parts["t_len"].append(kt)
-            parts["ids"].append(ids.astype(np.int32))
+            parts["ids"].append(ids.astype(np.int32, copy=False))
             parts["lps"].append(lps.astype(np.float32, copy=False))
             if remaining is not None:
                 remaining -= rows
         if remaining is not None and remaining <= 0:
             break
     if parts["start"]:
-        out.seq_ids = np.concatenate(parts["seqs"]).astype(np.int32) if parts["seqs"] else np.zeros(0, np.int32)
+        out.seq_ids = np.concatenate(parts["seqs"]).astype(np.int32)
         out.seq_offsets = _offsets(np.concatenate(parts["seq_len"]))
         out.completion_start = np.concatenate(parts["start"])
         out.tok_offsets = _offsets(np.concatenate(parts["t_len"]))

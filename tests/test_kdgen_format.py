@@ -56,6 +56,28 @@ def test_encode_decode_round_trip(seed):
     np.testing.assert_array_equal(fmt.decode_topk_logprobs(fmt.encode_topk_logprobs(back)), back)
 
 
+@pytest.mark.parametrize("k, scale", [(1, 512), (20, 512), (256, 512), (257, 512), (20, 500)])
+def test_decode_fast_paths_equal_the_plain_formulas(k, scale):
+    """The reader's fast paths (int32 cumsum to float32 log-probs, top-1-first search for the sampled
+    token, int32 ids) give bit-identical arrays to the plain float64 / full-compare formulas.
+    k > 256 or a scale that is not a power of two takes the float64 path."""
+    rng = np.random.default_rng(k)
+    t = 300
+    deltas = rng.integers(0, 3000, (t, k)).astype(np.uint16)
+    deltas[::7] = fmt.MAX_DELTA  # clipped gaps: the largest sums the format can hold
+    want = (np.cumsum(deltas, axis=-1, dtype=np.int64).astype(np.float64) * (-1.0 / scale)).astype(np.float32)
+    np.testing.assert_array_equal(fmt.decode_topk_logprobs(deltas, scale), want)
+    # the sampled token is the top-1, another top-k entry, or absent (then its own code holds it)
+    ids = np.stack([rng.permutation(1000)[:k] for _ in range(t)])
+    case, at = rng.integers(0, 3, t), rng.integers(0, k, t)
+    sampled = np.where(case == 0, ids[:, 0], np.where(case == 1, ids[np.arange(t), at], 5000))
+    codes = np.where(case == 2, rng.integers(1, 10**6, t), 0).astype(np.uint32)
+    first_hit = (ids == sampled[:, None]).argmax(axis=1)
+    want_tlp = np.where(codes == 0, want[np.arange(t), first_hit], (codes - 1.0) * (-1.0 / scale)).astype(np.float32)
+    for dtype in (np.int64, np.int32):
+        np.testing.assert_array_equal(fmt.decode_token_logprobs(codes, sampled, ids.astype(dtype), want, scale), want_tlp)
+
+
 def test_encode_edge_values():
     lp = np.array(
         [
@@ -164,6 +186,11 @@ def test_rows_parquet_reader_exact(tmp_path, vocab):
     assert [b.completions for b in lean] == [[], []]  # one batch per shard, no text decoded
     for name in ("completion_ids", "token_logprobs", "topk_ids", "topk_logprobs"):
         np.testing.assert_array_equal(np.concatenate([getattr(b, name) for b in lean]), np.concatenate([d[name] for d in decoded]))
+    np.testing.assert_array_equal(np.concatenate([b.prompt_values for b in lean]), np.concatenate([d["prompt_ids"] for d in decoded]))
+    # int32 ids (what kdtrain asks for): the same values
+    narrow = np.concatenate([b.topk_ids for b in ds.iter_batches(batch_rows=100, text=False, id_dtype=np.int32)])
+    assert narrow.dtype == np.int32 and lean[0].topk_ids.dtype == np.int64
+    np.testing.assert_array_equal(narrow, np.concatenate([d["topk_ids"] for d in decoded]))
     text = ds.read_table(columns=["messages", "prompt"]).to_pylist()
     assert [t["messages"] for t in text] == [r.messages for r in rows]
     assert [t["prompt"] for t in text] == [r.prompt for r in rows]

@@ -276,6 +276,65 @@ def test_top_k_uses_the_best_n_of_the_stored_k(world, tmp_path):
         build_trainer(_cfg(world, tmp_path / "o", top_k=9))
 
 
+def _reference_logit_examples(urls: list[str], max_length: int, student_rows: int, limit: int | None) -> dict:
+    """`kdtrain.data.logit_examples` written row by row (slow, obvious): what the vectorised one must give."""
+    import numpy as np
+
+    from kdgen.format import TeacherDataset
+
+    rows = [b.row(i) for url in urls for b in TeacherDataset(url).iter_batches(batch_rows=5) for i in range(b.num_rows)][:limit]
+    out = {"seqs": [], "starts": [], "ids": [], "lps": [], "rows_in": len(rows), "truncated": 0, "dropped": 0, "beyond_vocab": 0, "dropped_topk_entries": 0}
+    for r in rows:
+        p, c = r["prompt_ids"], r["completion_ids"]
+        if (p >= student_rows).any() or (c >= student_rows).any():
+            out["beyond_vocab"] += 1
+            continue
+        keep = min(len(c), max(max_length - len(p), 0))
+        if keep == 0:
+            out["dropped"] += 1
+            continue
+        out["truncated"] += len(p) + len(c) > max_length
+        bad = r["topk_ids"][:keep] >= student_rows
+        out["dropped_topk_entries"] += int(bad.sum())
+        out["seqs"].append(np.concatenate([p, c[:keep]]))
+        out["starts"].append(len(p))
+        out["ids"].append(np.where(bad, 0, r["topk_ids"][:keep]))
+        out["lps"].append(np.where(bad, -np.inf, r["topk_logprobs"][:keep]))
+    return out
+
+
+@pytest.mark.parametrize("max_length, student_rows, limit", [(4096, None, None), (40, None, None), (60, "median", 20), (4096, "median", 7)])
+def test_logit_examples_equal_a_row_by_row_reference(world, max_length, student_rows, limit):
+    """The vectorised example builder (whole-batch views, masks, gathers) gives exactly the examples
+    of a row-by-row reference on the teacher's real rows: read twice (two datasets, so batches and
+    --limit cross dataset boundaries), with truncation, dropped rows and ids beyond the student's rows."""
+    import numpy as np
+
+    from kdtrain.data import logit_examples, open_teacher_data
+
+    data = open_teacher_data([world["data"], world["data"]])
+    if student_rows == "median":  # about half the rows hold an id the student lacks
+        maxima = [max(r["prompt_ids"].max(), r["completion_ids"].max()) for b in data.datasets[0].iter_batches() for r in map(b.row, range(b.num_rows))]
+        student_rows = int(np.median(maxima))
+    else:
+        student_rows = data.manifest["tokenizer"]["embedding_rows"]
+    got = logit_examples(data, max_length, "truncate", student_rows, limit=limit)
+    want = _reference_logit_examples([world["data"], world["data"]], max_length, student_rows, limit)
+    for name in ("rows_in", "truncated", "dropped", "beyond_vocab", "dropped_topk_entries"):
+        assert getattr(got, name) == want[name], name
+    assert got.num_rows == len(want["seqs"]) > 0
+    assert (got.seq_ids.dtype, got.topk_ids.dtype, got.topk_logprobs.dtype) == (np.int32, np.int32, np.float32)
+    np.testing.assert_array_equal(got.completion_start, want["starts"])
+    for i in range(got.num_rows):
+        row = got.row(i)
+        np.testing.assert_array_equal(row["input_ids"], want["seqs"][i])
+        np.testing.assert_array_equal(row["topk_ids"], want["ids"][i])
+        np.testing.assert_array_equal(row["topk_logprobs"], want["lps"][i])
+    # each case exercises what it is there for
+    assert (want["truncated"] > 0) == (max_length < 100)
+    assert (want["beyond_vocab"] > 0 and want["dropped_topk_entries"] > 0) == (student_rows < data.manifest["tokenizer"]["embedding_rows"])
+
+
 def test_bad_inputs(world, tmp_path):
     from kdtrain.train import run
 
