@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--eval-new-tokens", type=int, default=64, help="greedy completion length for evaluation")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--backend", default="vllm", help="kdgen backend for the teacher")
+    ap.add_argument("--backend", default="vllm", help="generation backend: kdgen for the teacher, kdeval for the students")
     ap.add_argument("--arms", default=",".join(["none", *ARMS]), help="comma-separated subset of the arms")
     ap.add_argument("--work", default=None, help="keep the students here (default: a temporary directory)")
     args = ap.parse_args()
@@ -135,7 +135,8 @@ def main() -> None:
         else:
             runs[name] = train_arm(args, name, train, out)
         models += ["--model", f"{name}={out}"]
-    _cli("kdeval", "run", "--data", heldout, *models, "--max-new-tokens", str(args.eval_new_tokens), "--out", str(work / "eval"))
+    _cli("kdeval", "run", "--data", heldout, *models, "--max-new-tokens", str(args.eval_new_tokens),
+         "--backend", args.backend, "--out", str(work / "eval"))  # fmt: skip
     results = json.loads((work / "eval" / "results.json").read_text())
     by_name = {m["name"]: m["metrics"] for m in results["models"]}
     table = {name: {k: round(by_name[name][k], 4) for k in METRICS if by_name[name].get(k) is not None} for name in arms}
