@@ -16,7 +16,8 @@
 3. Held-out, on the teacher's held-out completions aligned exactly as in training: the student's
    **chunk-level NLL** (nats per aligned chunk, -log p_student(chunk) summed over the student's
    tokens of the chunk; lower is better), the teacher's own chunk NLL for reference, the binary
-   chunk KL(teacher || student) and the sparse forward KL at chunk starts.
+   chunk KL(teacher || student) and the sparse forward KL at chunk starts — computed by
+   `kdeval.crosstok`, the cross-tokenizer fidelity `kdeval run` reports for such students.
 
 Writes bench/results/crosstok_quality.json. Both figures are reported whichever way they come out.
 """
@@ -37,7 +38,6 @@ os.environ.setdefault("KD_QUIET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import machine, write_result  # noqa: E402
@@ -106,51 +106,28 @@ def train(arm: str, data: str, student: str, args, work: Path) -> tuple[str, flo
     return out, wall, record
 
 
-@torch.no_grad()
 def evaluate(model_dir: str, heldout: str) -> dict:
-    """Held-out chunk-level NLL of the student on the teacher's completions (module docstring)."""
+    """Held-out chunk-level measures of the student on the teacher's completions (module docstring),
+    computed by kdeval's cross-tokenizer fidelity (`kdeval.crosstok`, the same as `kdeval run`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdtrain.crosstok import CrossTok, chunk_teacher_logprobs, iter_aligned, load_teacher_tokenizer, mapped_targets
+    from kdeval.crosstok import crosstok_context, score_crosstok
+    from kdtrain.crosstok import load_teacher_tokenizer
     from kdtrain.data import open_teacher_data
-    from kdtrain.losses import SparseKD, sparse_kd_per_token, span_likelihood
 
     data = open_teacher_data([heldout])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ctx = CrossTok.build(load_teacher_tokenizer(data.manifest["teacher"]["path"], data.manifest), tok, "prefix", data.manifest["tokenizer"].get("embedding_rows"))
-    spec = SparseKD()
-    s_nll = t_nll = chunk_kl = kd = 0.0
-    n_chunks = n_bytes = 0
-    for b, rows in iter_aligned(data, ctx):
-        for i, row in enumerate(rows):
-            if not row.n_chunks:
-                continue
-            a0, a1 = b.offsets[i], b.offsets[i + 1]
-            P = len(row.prompt_ids)
-            ids = torch.tensor([list(row.prompt_ids) + row.student_ids.tolist()])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, P - 1 : -1].float(), -1)  # predicts completion tokens
-            tok_lp = logp.gather(1, torch.from_numpy(row.student_ids)[:, None]).squeeze(1)
-            chunks = torch.from_numpy(row.s_chunk)
-            keep = chunks >= 0
-            s_chunk = torch.zeros(row.n_chunks, dtype=torch.float64).index_add(0, chunks[keep], tok_lp[keep].double())
-            t_chunk = torch.from_numpy(chunk_teacher_logprobs(row, b.token_logprobs[a0:a1])).double()
-            s_nll -= s_chunk.sum().item()
-            t_nll -= t_chunk.sum().item()
-            chunk_kl += span_likelihood(tok_lp, chunks, t_chunk.float(), spec).sum().item()
-            m_ids, m_lps = mapped_targets(row, b.topk_ids[a0:a1], b.topk_logprobs[a0:a1], ctx)
-            first = torch.from_numpy(row.s_first)
-            kd += sparse_kd_per_token(logp[first].gather(1, torch.from_numpy(m_ids[row.s_first])), torch.from_numpy(m_lps[row.s_first]), spec).sum().item()
-            n_chunks += row.n_chunks
-            n_bytes += len(row.text.encode("utf-8"))
+    teacher_tok = load_teacher_tokenizer(data.manifest["teacher"]["path"], data.manifest)
+    got = score_crosstok(model, data, crosstok_context(teacher_tok, AutoTokenizer.from_pretrained(model_dir), data.manifest))
     return {
-        "chunks": n_chunks,
-        "bytes": n_bytes,
-        "student_chunk_nll": s_nll / n_chunks,
-        "teacher_chunk_nll": t_nll / n_chunks,
-        "student_nll_per_byte": s_nll / n_bytes,
-        "chunk_kl": chunk_kl / n_chunks,
-        "sparse_fkl_at_chunk_starts": kd / n_chunks,
+        "chunks": got["chunks"],
+        "bytes": got["bytes"],
+        "student_chunk_nll": got["chunk_nll"],
+        "teacher_chunk_nll": got["teacher_chunk_nll"],
+        "student_nll_per_byte": got["nll_per_byte"],
+        "chunk_kl": got["chunk_kl"],
+        "sparse_fkl_at_chunk_starts": got["chunk_start_kl"],
+        "top1_at_chunk_starts": got["chunk_top1"],
     }
 
 

@@ -5,8 +5,10 @@
     kdeval lm-eval --model runs/s1 --tasks data/lm_eval/kd_tiny_task.yaml
 
 Modules: `config` (typed options, the CLI help), `fidelity` (sparse KL with the tail bucket, top-1
-agreement, ECE, perplexity), `quality` (ROUGE/BLEU through local `evaluate` modules in `metrics/`),
-`models` (loading, tokenizer matching, cost), `generate` (greedy generation, speed and memory),
+agreement, ECE, perplexity, NLL per byte), `crosstok` (chunk-level fidelity for a student with
+another tokenizer than the teacher's), `quality` (ROUGE/BLEU through local `evaluate` modules in `metrics/`),
+`models` (loading, tokenizer matching, cost), `generate` (greedy generation, speed and memory;
+vLLM in a worker process),
 `run` (the `kdeval run` stage), `report` (`kdeval compare`: REPORT.md and plots), `harness`
 (`kdeval lm-eval`). kdeval reads teacher datasets only through `kdgen.format.TeacherDataset`.
 """

@@ -12,6 +12,7 @@ docs are the help below) and calls a plain function. User errors (`KdError`) pri
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import typer
@@ -101,6 +102,13 @@ def lm_eval_cmd(
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
+    # Before torch loads libgomp: OpenMP threads waiting for work sleep instead of spinning. On this
+    # 2-core box shared with other jobs the default spin-wait made transformers decoding 2-20x slower
+    # (SmolLM2, batch 8, beside one other torch job: 0.34-3.3 s per step, against 0.15 s with PASSIVE)
+    # and `kdeval run` on the demo took 440-620 s instead of ~70 s; on an idle box PASSIVE costs ~15%
+    # (37 s -> 43 s). GOMP_SPINCOUNT or OMP_WAIT_POLICY set by the user win.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     run_cli(app, "kdeval", "nothing was written for the unfinished models")
 
 

@@ -13,12 +13,17 @@ from kdgen.configs import doc_field as _f
 from kdgen.configs import field_help
 from kdgen.errors import collect
 
-# Metric names a user can ask for with --metrics. Fidelity metrics need --data and a model with the
-# dataset's tokenizer; quality metrics need references; `cost` is parameters, bytes, speed and memory.
+# Metric names a user can ask for with --metrics. Fidelity metrics need --data; quality metrics need
+# references; `cost` is parameters, bytes, speed and memory.
 FIDELITY_METRICS = ("kl", "top1", "ece", "ppl")
+# What each fidelity metric reports: token-level for a model with the dataset's tokenizer
+# (kdeval.fidelity), chunk-level for one with another tokenizer (kdeval.crosstok; ECE has no
+# chunk-level counterpart). NLL per byte comes with ppl on both sides: it compares any tokenizers.
+TOKEN_MEASURES = {"kl": ("kl",), "top1": ("top1",), "ece": ("ece",), "ppl": ("ppl", "nll_per_byte")}
+CHUNK_MEASURES = {"kl": ("chunk_kl", "chunk_start_kl"), "top1": ("chunk_top1",), "ece": (), "ppl": ("chunk_nll", "nll_per_byte")}
 QUALITY_METRICS = ("rouge", "bleu")
 METRICS = FIDELITY_METRICS + QUALITY_METRICS + ("cost",)
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("auto", "hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -40,10 +45,10 @@ class EvalConfig(_Help):
     reference_column: str | None = _f(None, "Column holding the reference in --references. Default: reference, completion, output, answer, target or text.")
     out: str = _f("kdeval-out", "Output directory: results.json, REPORT.md and plots.")
     metrics: list[str] = _f([], f"Metrics to compute (repeatable; default all): {', '.join(METRICS)}.")
-    fidelity: bool = _f(True, "Score fidelity to the teacher on --data. --no-fidelity uses the dataset only for prompts and references (for models with another tokenizer).")
+    fidelity: bool = _f(True, "Score fidelity to the teacher on --data: token-level for models with the dataset's tokenizer, chunk-level for models with another (needs the teacher's tokenizer). --no-fidelity uses the dataset only for prompts and references.")
     limit: int | None = _f(None, "Use only the first N dataset rows / prompts.")
     samples: int = _f(3, "Side-by-side samples (prompt, reference, every model's output) kept for the report.")
-    backend: str = _f("hf", "Generation backend: hf (transformers) or vllm.")
+    backend: str = _f("hf", "Generation backend: hf (transformers), vllm (in a worker process; float32 greedy outputs equal hf's), or auto (vllm where importable).")
     dtype: str = _f("float32", "Dtype for every model: float32, bfloat16 or float16 (float32 on CPU).")
     max_new_tokens: int | None = _f(None, "Maximum generated tokens per prompt. Default: the dataset's max_new_tokens, else 128.")
     temperature: float = _f(0.0, "Sampling temperature for generation (0 = greedy, the default).")
@@ -74,6 +79,8 @@ class LmEvalConfig(_Help):
 
 
 def validate_eval(cfg: EvalConfig) -> None:
+    from kdgen.backends import vllm_available  # not at import time: it reads pyarrow, and the CLI starts faster without
+
     problems = []
     if not cfg.models and not cfg.teacher and not cfg.baselines:
         problems.append("--model is required: a checkpoint directory, .gguf file or built-in name (repeat it to compare several)")
@@ -85,7 +92,9 @@ def validate_eval(cfg: EvalConfig) -> None:
     if unknown:
         problems.append(f"--metrics {', '.join(unknown)}: unknown metric; choose from {', '.join(METRICS)}")
     if cfg.backend not in BACKENDS:
-        problems.append(f"--backend {cfg.backend}: choose {' or '.join(BACKENDS)}")
+        problems.append(f"--backend {cfg.backend}: choose {', '.join(BACKENDS)}")
+    elif cfg.backend == "vllm" and not vllm_available():
+        problems.append("--backend vllm: vLLM is not installed here; install '.[cpu]' or '.[gpu]', or use --backend hf")
     if cfg.dtype not in DTYPES:
         problems.append(f"--dtype {cfg.dtype}: choose {', '.join(DTYPES)}")
     if cfg.limit is not None and cfg.limit < 1:

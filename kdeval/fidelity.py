@@ -12,10 +12,14 @@ compared with the teacher's stored top-k log-probs:
 * **ECE** — expected calibration error of the student's top-1 prediction against the token the
   teacher actually emitted (Guo et al. 2017, 15 equal-width confidence bins).
 * **perplexity** — exp of the student's mean NLL of the teacher's completion tokens.
+* **NLL per byte** — the same NLL summed and divided by the completion's bytes (given the bytes of
+  every token id): unlike perplexity it does not depend on the tokenizer, so it compares these
+  students with those of other tokenizers (scored chunk-wise by `kdeval.crosstok`).
 
 Token-level means (micro averages over all completion tokens). The teacher's own perplexity on its
 completions, from the stored token log-probs, comes along as a floor. Run
-`pytest tests/test_kdeval_fidelity.py` (sparse KL against a dense reference, ECE by hand).
+`pytest tests/test_kdeval_metrics.py tests/test_kdeval_e2e.py` (sparse KL against a dense reference,
+ECE by hand, every measure of a run against a dense recomputation).
 """
 
 from __future__ import annotations
@@ -64,7 +68,6 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     if confidence.size == 0:
         return float("nan")
     idx = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
-    n = np.bincount(idx, minlength=bins)
     conf_sum = np.bincount(idx, weights=confidence, minlength=bins)
     acc_sum = np.bincount(idx, weights=correct, minlength=bins)
     return float(np.abs(acc_sum - conf_sum).sum() / confidence.size)
@@ -80,6 +83,7 @@ class TokenStats:
     correct: list[np.ndarray] = field(default_factory=list)
     nll: list[np.ndarray] = field(default_factory=list)
     teacher_nll: list[np.ndarray] = field(default_factory=list)
+    bytes: list[np.ndarray] = field(default_factory=list)  # [N] bytes of each completion token (when known)
 
     def add(self, **arrays: np.ndarray) -> None:
         for name, a in arrays.items():
@@ -90,7 +94,7 @@ class TokenStats:
         n = int(cat["kl"].size)
         if n == 0:
             return {"tokens": 0}
-        return {
+        out = {
             "tokens": n,
             "kl": float(cat["kl"].mean()),
             "top1": float(cat["top1"].mean()),
@@ -98,6 +102,10 @@ class TokenStats:
             "ppl": float(np.exp(cat["nll"].mean())),
             "teacher_ppl": float(np.exp(cat["teacher_nll"].mean())),
         }
+        if cat["bytes"].size == n and cat["bytes"].sum() > 0:
+            out["nll_per_byte"] = float(cat["nll"].sum() / cat["bytes"].sum())
+            out["teacher_nll_per_byte"] = float(cat["teacher_nll"].sum() / cat["bytes"].sum())
+        return out
 
 
 def token_measures(student_logp: torch.Tensor, completion_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> dict:
@@ -134,11 +142,13 @@ def _row_chunks(lengths: list[int], vocab: int, batch_rows: int) -> list[list[in
 
 
 @torch.no_grad()
-def score_model(model, dataset, batch_rows: int = 8, limit: int | None = None) -> dict:
+def score_model(model, dataset, batch_rows: int = 8, limit: int | None = None, token_bytes: np.ndarray | None = None) -> dict:
     """Teacher-force `model` on every row of `dataset` (a `kdgen.format.TeacherDataset`).
 
     Rows are right-padded (positions start at 0 in every row, so causal attention needs no shift).
-    Returns `TokenStats.summary()`: tokens, kl, top1, ece, ppl, teacher_ppl.
+    token_bytes: [V] bytes each token id stands for (0 for special tokens), for NLL per byte.
+    Returns `TokenStats.summary()`: tokens, kl, top1, ece, ppl, teacher_ppl (+ nll_per_byte,
+    teacher_nll_per_byte with token_bytes).
     """
     stats = TokenStats()
     device = next(model.parameters()).device
@@ -171,6 +181,9 @@ def score_model(model, dataset, batch_rows: int = 8, limit: int | None = None) -
                     torch.from_numpy(batch.topk_ids[a:b]),
                     torch.from_numpy(batch.topk_logprobs[a:b]),
                 )
+                ids = batch.completion_ids[a:b]
+                if token_bytes is not None:  # ids past the tokenizer (padded embedding rows) spell nothing
+                    m["bytes"] = np.where(ids < len(token_bytes), token_bytes[np.minimum(ids, len(token_bytes) - 1)], 0)
                 stats.add(**m, teacher_nll=-batch.token_logprobs[a:b].astype(np.float64))
         if limit is not None and seen >= limit:
             break

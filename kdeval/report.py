@@ -29,6 +29,12 @@ COLUMNS = [
     ("top1", "top-1 agree ↑", "metrics", True, "{:.3f}"),
     ("ece", "ECE ↓", "metrics", False, "{:.3f}"),
     ("ppl", "PPL ↓", "metrics", False, "{:.4g}"),
+    ("nll_per_byte", "NLL/byte ↓", "metrics", False, "{:.4f}"),
+    # cross-tokenizer students (kdeval.crosstok): per chunk of text both tokenizers cut alike
+    ("chunk_nll", "x-tok chunk NLL ↓", "metrics", False, "{:.4g}"),
+    ("chunk_kl", "x-tok chunk KL ↓", "metrics", False, "{:.4g}"),
+    ("chunk_start_kl", "x-tok KL@chunk start ↓", "metrics", False, "{:.4g}"),
+    ("chunk_top1", "x-tok top-1@chunk start ↑", "metrics", True, "{:.3f}"),
     ("rouge1", "ROUGE-1 ↑", "metrics", True, "{:.3f}"),
     ("rouge2", "ROUGE-2 ↑", "metrics", True, "{:.3f}"),
     ("rougeL", "ROUGE-L ↑", "metrics", True, "{:.3f}"),
@@ -206,10 +212,22 @@ def write_report(results: dict, out: str, samples: int = 3) -> list[str]:
         "Best value among the students and baselines scored on the same prompts and data in **bold**. KL is the sparse KL(teacher ‖ student) per token "
         "over the teacher's top-k plus a tail bucket; top-1 agree: student argmax = teacher argmax; ECE: calibration "
         "of the student's top-1 against the teacher's tokens (15 bins); PPL: student perplexity on the teacher's "
-        "completions. ROUGE: mean F-measure (rouge_score); BLEU: sacrebleu corpus BLEU. Speed and memory are "
+        "completions; NLL/byte: the student's NLL of the teacher's completions per byte of text (nats; comparable across tokenizers). "
+        "ROUGE: mean F-measure (rouge_score); BLEU: sacrebleu corpus BLEU. Speed and memory are "
         "measured the same way for every model (see results.json `memory_kind`).",
         "",
     ]
+    if any(value(m, "chunk_nll", "metrics") is not None or value(m, "chunk_kl", "metrics") is not None for m in models):
+        lines += [
+            "**x-tok** columns are for models whose tokenizer differs from the teacher's, where token-level measures are not defined: the "
+            "teacher's completions are re-tokenised by the student and cut into chunks where both tokenizers end a token at the same "
+            "byte. Chunk NLL: -log p_student(chunk), nats per chunk (the teacher's own is in results.json `teacher_chunk_nll`); chunk KL: "
+            "KL(teacher ‖ student) over {chunk, anything else}; KL@chunk start: sparse KL at each chunk's first token over the teacher's "
+            "top-k mapped to student ids by bytes plus one residual bucket; top-1@chunk start: student argmax = the student id of the "
+            "teacher's top-1, where it maps. Chunks depend on the tokenizer pair: compare x-tok columns between models sharing a "
+            "tokenizer, and NLL/byte between any.",
+            "",
+        ]
     notes = [f"- {m['name']}: {m['fidelity_note']}" for m in models if m.get("fidelity_note")]
     if notes:
         lines += ["Notes:", *notes, ""]

@@ -1,13 +1,16 @@
 """`kdeval run`: score models against a held-out teacher dataset and/or references.
 
     run(cfg): validate -> open + verify the dataset -> prompts + references -> resolve models
-              (config + tokenizer) -> match tokenizers -> per model: load, generate (timed, metered),
-              fidelity (teacher-forced), quality, size -> samples -> results.json -> REPORT.md + plots
+              (config + tokenizer) -> match tokenizers (the teacher's tokenizer for the others) ->
+              [vllm: every model's generations in one worker process] -> per model: load,
+              [hf: generate (timed, metered)], fidelity (teacher-forced: token-level with the
+              dataset's tokenizer, chunk-level with another), quality, size -> samples ->
+              results.json -> REPORT.md + plots
 
 Writes to --out: `results.json` (every model's identity, config, kd_config and the fingerprints it
 was trained on, the dataset's fingerprint, the generation settings and seeds, all metrics and
 costs, side-by-side samples), `REPORT.md` and PNG plots (the same report `kdeval compare` writes).
-Test: `pytest tests/test_kdeval_e2e.py`.
+Test: `pytest tests/test_kdeval_e2e.py tests/test_kdeval_crosstok.py`, `-m slow tests/test_kdeval_vllm.py`.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ from dataclasses import asdict, dataclass
 
 import kdeval
 from kdeval import quality
-from kdeval.config import FIDELITY_METRICS, METRICS, QUALITY_METRICS, EvalConfig, validate_eval
+from kdeval.config import CHUNK_MEASURES, FIDELITY_METRICS, METRICS, QUALITY_METRICS, TOKEN_MEASURES, EvalConfig, validate_eval
 from kdeval.models import EvalModel, count_parameters, load_weights, prepare, size_on_disk, unique_names
 from kdeval.report import write_json, write_report
-from kdgen.backends import SamplingConfig, engine_version
+from kdgen.backends import SamplingConfig, default_backend, engine_version
 from kdgen.errors import KdError
 from kdgen.format import TeacherDataset, canonical_json, now_iso, sha256_hex
 from kdgen.progress import console, status
-from kdgen.prompts import Prompt, encode_prompt, load_prompts
+from kdgen.prompts import Prompt, chat_template_of, encode_prompt, load_prompts
 
 RESULTS = "results.json"
 
@@ -72,21 +75,44 @@ def prepare_models(cfg: EvalConfig, ds: TeacherDataset | None) -> list[EvalModel
         want = ds.manifest["tokenizer"]["tokenizer_hash"]
         for m in models:
             m.matches_dataset = m.tokenizer_hash == want
-        wants_fidelity = cfg.fidelity and any(x in FIDELITY_METRICS for x in metrics_of(cfg))
-        if wants_fidelity and not any(m.matches_dataset for m in models):
-            names = ", ".join(f"{m.name} ({m.tokenizer_hash[:12]})" for m in models)
-            raise KdError(
-                f"--data {cfg.data}: its tokenizer ({want[:12]}, teacher {ds.manifest['teacher']['source']}) matches none of the "
-                f"models given: {names}. Fidelity needs a model with the teacher's tokenizer; pass --no-fidelity to use the "
-                f"dataset only for prompts and references"
-            )
-        for m in models:
-            if wants_fidelity and not m.matches_dataset:
-                console.print(
-                    f"[yellow]note:[/] {m.name}: tokenizer differs from the dataset's; fidelity skipped (cross-tokenizer "
-                    f"chunk-level measures are not implemented), quality metrics still computed"
-                )
     return models
+
+
+def wants_fidelity(cfg: EvalConfig, ds: TeacherDataset | None) -> bool:
+    return ds is not None and cfg.fidelity and any(x in FIDELITY_METRICS for x in metrics_of(cfg))
+
+
+def teacher_tokenizer(cfg: EvalConfig, ds: TeacherDataset, models: list[EvalModel]):
+    """The dataset's tokenizer, for the chunk-level fidelity of models with another one: a model of
+    this run that has it, else the teacher recorded in the manifest (its path, or its built-in name),
+    checked against the dataset's tokenizer hash."""
+    from kdgen.models import BUILTINS
+    from kdtrain.crosstok import load_teacher_tokenizer
+
+    for m in models:
+        if m.matches_dataset:
+            return m.tokenizer
+    t = ds.manifest["teacher"]
+    source, path = t["source"], t.get("path")
+    builtin = source.split(":", 1)[1] if source.startswith("builtin:") else None
+    for spec in (path if path and os.path.isdir(path) else None, builtin if builtin in BUILTINS else None):
+        if spec:
+            try:
+                return load_teacher_tokenizer(spec, ds.manifest)
+            except KdError:
+                continue
+    others = ", ".join(m.name for m in models if not m.matches_dataset)
+    raise KdError(
+        f"--data {cfg.data}: {others} use another tokenizer than the dataset's (teacher {source}); their chunk-level "
+        f"fidelity needs the teacher's tokenizer, and the teacher recorded in the dataset (at {path}) is not on this machine "
+        f"(or no longer has that tokenizer). "
+        f"Pass --teacher with the dataset's teacher, or --no-fidelity to use the dataset only for prompts and references"
+    )
+
+
+def backend_of(cfg: EvalConfig) -> str:
+    """--backend auto: vLLM where it is importable, else transformers (as kdgen)."""
+    return default_backend() if cfg.backend == "auto" else cfg.backend
 
 
 def metrics_of(cfg: EvalConfig) -> tuple[str, ...]:
@@ -140,36 +166,47 @@ def sampling_of(cfg: EvalConfig, ds: TeacherDataset | None) -> SamplingConfig:
     return SamplingConfig(cfg.temperature, cfg.top_p if cfg.temperature > 0 else 1.0, 0, max_new, 1)
 
 
-def evaluate_model(m: EvalModel, cfg: EvalConfig, ds: TeacherDataset | None, es: EvalSet, sampling: SamplingConfig) -> dict:
-    """Generate (timed), teacher-force on the dataset, measure size. Returns the model's entry."""
-    from kdeval.generate import generate, requests_for
+def model_prompt_ids(p: Prompt, tokenizer) -> list[int]:
+    """What a model is prompted with: its chat template; for chat prompts and a tokenizer without
+    one (base-model tokenizers, as cross-tokenizer students often have), the turns as plain
+    paragraphs — the form kdtrain trains such students on (kdtrain.data._encode_prompt)."""
+    if p.messages is not None and chat_template_of(tokenizer) is None:
+        from kdtrain.data import _encode_prompt
 
-    wanted = metrics_of(cfg)
+        return _encode_prompt(tokenizer, p.messages, None)
+    return encode_prompt(p, tokenizer)
+
+
+def requests_of(m: EvalModel, cfg: EvalConfig, es: EvalSet) -> list:
+    """One generation request per prompt, in the model's own token ids."""
+    from kdeval.generate import requests_for
+
     if es.dataset_prompt_ids is not None and m.matches_dataset:
         prompt_ids = es.dataset_prompt_ids  # exactly what the teacher saw
     else:
         try:
-            prompt_ids = [encode_prompt(p, m.tokenizer) for p in es.prompts]
+            prompt_ids = [model_prompt_ids(p, m.tokenizer) for p in es.prompts]
         except KdError as e:
             raise KdError(f"{m.name}: {e}") from None
-    requests = requests_for(prompt_ids, es.keys, cfg.seed)
-    with status(f"{m.name}: loading and generating {len(requests)} completions"):
-        gen, hf_model = generate(cfg.backend, m.path, lambda: load_weights(m, cfg.dtype), m.tokenizer, requests, sampling, cfg.dtype, cfg.batch_size)
+    return requests_for(prompt_ids, es.keys, cfg.seed)
+
+
+def evaluate_model(m: EvalModel, cfg: EvalConfig, ds: TeacherDataset | None, es: EvalSet, sampling: SamplingConfig, teacher_tok=None, gen=None) -> dict:
+    """Generate (timed) unless `gen` holds the model's generations already (vLLM worker), teacher-force
+    on the dataset, measure size. Returns the model's entry.
+    teacher_tok: the dataset's tokenizer, for chunk-level fidelity when `m` has another one."""
+    from kdeval.generate import generate
+
+    hf_model = None
+    if gen is None:
+        requests = requests_of(m, cfg, es)
+        with status(f"{m.name}: loading and generating {len(requests)} completions"):
+            gen, hf_model = generate("hf", m.path, lambda: load_weights(m, cfg.dtype), requests, sampling, cfg.dtype, cfg.batch_size)
     if hf_model is None:
         hf_model = load_weights(m, cfg.dtype)
-    metrics: dict = {}
-    note = None
-    if ds is not None and cfg.fidelity and any(x in FIDELITY_METRICS for x in wanted):
-        if m.matches_dataset:
-            from kdeval.fidelity import score_model
-
-            with status(f"{m.name}: teacher-forced fidelity on {ds.fingerprint}"):
-                fid = score_model(hf_model, ds, cfg.batch_size, cfg.limit)
-            metrics["tokens"] = fid["tokens"]
-            metrics["teacher_ppl"] = fid.get("teacher_ppl")
-            metrics.update({k: fid.get(k) for k in FIDELITY_METRICS if k in wanted})
-        else:
-            note = "tokenizer differs from the dataset's: fidelity skipped (cross-tokenizer measures not implemented)"
+    fid = {"metrics": {}, "fidelity": None, "fidelity_note": None}
+    if wants_fidelity(cfg, ds):
+        fid = score_fidelity(m, hf_model, cfg, ds, teacher_tok)
     params = count_parameters(hf_model)
     del hf_model
     gc.collect()
@@ -182,7 +219,48 @@ def evaluate_model(m: EvalModel, cfg: EvalConfig, ds: TeacherDataset | None, es:
         "peak_memory_bytes": gen.peak_memory_bytes,
         "memory_kind": gen.memory_kind,
     }
-    return {**m.record(), "metrics": metrics, "cost": cost, "fidelity_note": note, "outputs": gen.texts}
+    return {**m.record(), **fid, "cost": cost, "outputs": gen.texts(m.tokenizer)}
+
+
+def score_fidelity(m: EvalModel, hf_model, cfg: EvalConfig, ds: TeacherDataset, teacher_tok) -> dict:
+    """Token-level fidelity for a model with the dataset's tokenizer, chunk-level for one with another.
+    Returns the entry's "metrics" (the measures asked for), "fidelity" (what was measured on what)
+    and "fidelity_note" (for the report)."""
+    from kdtrain.vocab_map import TokenBytes
+
+    wanted = metrics_of(cfg)
+    if m.matches_dataset:
+        from kdeval.fidelity import score_model
+
+        with status(f"{m.name}: teacher-forced fidelity on {ds.fingerprint}"):
+            got = score_model(hf_model, ds, cfg.batch_size, cfg.limit, TokenBytes.from_tokenizer(m.tokenizer).lengths)
+        keep = {k for x in wanted for k in TOKEN_MEASURES.get(x, ())}
+        metrics = {"tokens": got["tokens"], "teacher_ppl": got.get("teacher_ppl"), "teacher_nll_per_byte": got.get("teacher_nll_per_byte")}
+        metrics.update({k: got.get(k) for k in sorted(keep)})
+        return {"metrics": metrics, "fidelity": {"kind": "token", "tokens": got["tokens"]}, "fidelity_note": None}
+    from kdeval.crosstok import VOCAB_MATCH, crosstok_context, score_crosstok
+    from kdtrain.data import TeacherData
+
+    with status(f"{m.name}: aligning its tokenizer with the teacher's ({len(teacher_tok):,} -> {len(m.tokenizer):,} entries)"):
+        ctx = crosstok_context(teacher_tok, m.tokenizer, ds.manifest)
+    with status(f"{m.name}: teacher-forced chunk-level fidelity on {ds.fingerprint}"):
+        got = score_crosstok(hf_model, TeacherData([ds]), ctx, cfg.limit)
+    keep = {k for x in wanted for k in CHUNK_MEASURES.get(x, ())}
+    metrics = {"chunks": got["chunks"], "teacher_chunk_nll": got.get("teacher_chunk_nll"), "teacher_nll_per_byte": got.get("teacher_nll_per_byte")}
+    metrics.update({k: got.get(k) for k in sorted(keep)})
+    record = {
+        "kind": "chunk",
+        "vocab_match": VOCAB_MATCH,
+        "vocab_map": ctx.vmap.summary(ctx.teacher),
+        **{k: got.get(k) for k in ("rows", "unaligned_rows", "chunks", "bytes", "chunk_top1_positions")},
+    }
+    note = (
+        f"tokenizer differs from the teacher's: chunk-level fidelity over {got['chunks']} chunks of {got['rows'] - got['unaligned_rows']} "
+        f"row(s) (token-level KL, top-1, ECE and PPL are not defined across tokenizers)"
+    )
+    if got["unaligned_rows"]:
+        note += f"; {got['unaligned_rows']} row(s) left out: its tokens do not spell the teacher's text byte for byte"
+    return {"metrics": metrics, "fidelity": record, "fidelity_note": note}
 
 
 def run(cfg: EvalConfig) -> str:
@@ -193,14 +271,32 @@ def run(cfg: EvalConfig) -> str:
     with status("reading prompts and references, resolving models"):
         es = build_eval_set(cfg, ds)  # before the models: bad prompt/reference files fail fast
         models = prepare_models(cfg, ds)
+        cross = wants_fidelity(cfg, ds) and any(not m.matches_dataset for m in models)
+        teacher_tok = teacher_tokenizer(cfg, ds, models) if cross else None
     if not es.references and not any(m.role == "teacher" for m in models):
         raise KdError("no references: give --references FILE, --data (its teacher completions), or --teacher")
     os.makedirs(cfg.out, exist_ok=True)
     sampling = sampling_of(cfg, ds)
     wanted = metrics_of(cfg)
+    models.sort(key=lambda m: m.role != "teacher")  # the teacher first: its outputs may be the references
+    backend = backend_of(cfg)
+    generated = [None] * len(models)
+    if backend == "vllm":  # every model's generations first, in one worker process (kdeval.generate)
+        from kdeval.generate import generate_in_worker
+
+        jobs = [(m.path, requests_of(m, cfg, es)) for m in models]
+        try:
+            with status(f"generating {len(es.prompts)} completions with vLLM for {', '.join(m.name for m in models)} (worker process)"):
+                generated = generate_in_worker(jobs, sampling, cfg.dtype)
+        except KdError as e:
+            if cfg.backend != "auto":
+                raise
+            # auto: a model vLLM cannot serve (e.g. a head size its CPU attention rejects) is no reason to stop
+            console.print(f"[yellow]note:[/] {e}; --backend auto falls back to hf for every model of the run")
+            backend, generated = "hf", [None] * len(models)
     entries = []
-    for m in sorted(models, key=lambda m: m.role != "teacher"):  # the teacher first: its outputs may be the references
-        entry = evaluate_model(m, cfg, ds, es, sampling)
+    for m, gen in zip(models, generated):
+        entry = evaluate_model(m, cfg, ds, es, sampling, teacher_tok, gen)
         if not es.references and m.role == "teacher":
             es.references = entry["outputs"]
         entries.append(entry)
@@ -223,8 +319,8 @@ def run(cfg: EvalConfig) -> str:
             "references_hash": sha256_hex(canonical_json(es.references)),
         },
         "generation": {
-            "backend": cfg.backend,
-            "engine_version": engine_version(cfg.backend),
+            "backend": backend,
+            "engine_version": engine_version(backend),
             "greedy": sampling.temperature == 0,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -269,6 +365,7 @@ def _dataset_record(ds: TeacherDataset | None) -> dict | None:
 
 def _brief(e: dict) -> str:
     m, c = e["metrics"], e["cost"]
-    parts = [f"{k}={m[k]:.4g}" for k in ("kl", "top1", "ece", "ppl") if m.get(k) is not None]
+    keys = ("kl", "top1", "ece", "ppl", "chunk_nll", "chunk_kl", "chunk_start_kl", "chunk_top1", "nll_per_byte")
+    parts = [f"{k}={m[k]:.4g}" for k in keys if m.get(k) is not None]
     parts.append(f"{c['params'] / 1e6:.2f}M params, {c['tokens_per_s']:.1f} tok/s")
     return ", ".join(parts)

@@ -1,5 +1,5 @@
 """Bad input to the `kdeval` console script: one clear line on stderr, exit status 2, no traceback.
-(The dataset-whose-tokenizer-matches-no-model case lives in test_kdeval_e2e.py, beside its dataset.)
+(A dataset whose teacher tokenizer is neither in the run nor on the machine: test_kdeval_crosstok.py.)
 Run: `pytest tests/test_kdeval_cli.py`.
 """
 

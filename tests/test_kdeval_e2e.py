@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdeval_helpers import assert_user_error, build_peaked_model, kdeval_cli, perturb, write_prompts
+from kdeval_helpers import build_peaked_model, kdeval_cli, perturb, write_prompts
 
 
 @pytest.fixture(scope="module")
@@ -159,21 +159,24 @@ def test_compare_writes_report_plots_and_results(evaluated, world, tmp_path):
     assert all("weights_hash" in m and "kd_config" in m for m in merged["models"])
 
 
-def test_dataset_tokenizer_matching_no_model(world, tmp_path):
-    """A model whose tokenizer differs from the dataset's: one clear line, unless --no-fidelity."""
+def test_model_with_another_tokenizer(world, tmp_path):
+    """A model whose tokenizer differs from the dataset's (here by one added token) gets chunk-level
+    fidelity (tests/test_kdeval_crosstok.py checks the values); --no-fidelity keeps quality only."""
     from transformers import AutoTokenizer
+
+    from kdeval.config import EvalConfig
+    from kdeval.run import run
 
     other = Path(perturb(world["far"], tmp_path / "other-tok", noise=0.0))
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_tokens(["<kdeval-extra-token>"])
     tok.save_pretrained(other)
-    proc = kdeval_cli("run", "--model", str(other), "--data", world["data"], "--out", str(tmp_path / "o"))
-    assert_user_error(proc, "matches none of the models", "--no-fidelity")
-    # quality against the dataset's completions still works for it
-    from kdeval.config import EvalConfig
-    from kdeval.run import run
-
-    run(EvalConfig(models=[str(other)], data=world["data"], fidelity=False, max_new_tokens=4, limit=2, out=str(tmp_path / "o")))
+    run(EvalConfig(models=[str(other)], data=world["data"], max_new_tokens=4, limit=2, out=str(tmp_path / "c"), backend="hf"))
+    m = json.loads((tmp_path / "c" / "results.json").read_text())["models"][0]
+    assert m["tokenizer_matches_dataset"] is False and m["fidelity"]["kind"] == "chunk" and m["fidelity"]["rows"] == 2
+    assert m["metrics"]["chunk_nll"] > 0 and "kl" not in m["metrics"]
+    # quality against the dataset's completions only
+    run(EvalConfig(models=[str(other)], data=world["data"], fidelity=False, max_new_tokens=4, limit=2, out=str(tmp_path / "o"), backend="hf"))
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert res["models"][0]["tokenizer_matches_dataset"] is False and "rougeL" in res["models"][0]["metrics"]
+    assert res["models"][0]["fidelity"] is None and "rougeL" in res["models"][0]["metrics"]
     assert res["eval_set"]["prompts"] == 2
