@@ -287,6 +287,15 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
     they are generated, so two processes split the shards, and each waits for the shards the other
     holds; the plan and the commit happen under the dataset lock (kdgen/locks.py).
     """
+    url, job = _run(cfg, kind)
+    if job is not None and fmt.read_manifest(job.fs, job.dataset_dir) is not None:
+        # every process that leaves a committed dataset tidies up once its own locks are gone, so the
+        # last one out removes the lock directory whichever path (commit, or "another process did") it took
+        locks.remove_lock_dir(job.fs, job.dataset_dir)
+    return url
+
+
+def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
     t0 = time.perf_counter()
     with status(f"resolving teacher {cfg.teacher} and reading prompts"):
         job = prepare(cfg, kind)
@@ -294,7 +303,7 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
     existing = fmt.read_manifest(job.fs, job.dataset_dir)
     if existing is not None:
         console.print(f"[green]cache hit:[/] {url} already holds this dataset ({_summary(existing)})")
-        return url
+        return url, None
     _check_output(job)
     with _dataset_lock(job.fs, job.dataset_dir):
         existing = fmt.read_manifest(job.fs, job.dataset_dir)
@@ -302,7 +311,7 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
             plan = _plan(job)
     if existing is not None:  # another process committed it while we waited
         console.print(f"[green]cache hit:[/] {url} was completed by another process ({_summary(existing)})")
-        return url
+        return url, job
     per, num = plan["shard_prompts"], plan["num_shards"]
     n = job.manifest_core["generation"]["n"]
 
@@ -345,7 +354,7 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
                     try:
                         if fmt.read_manifest(job.fs, job.dataset_dir) is not None:
                             console.print(f"another process committed {url} meanwhile; stopping")
-                            return url
+                            return url, job
                         if not _shard_is_complete(job, name, expected):
                             rows = work.rows_for(block(i), bar)
                             if claim.lost:
@@ -377,15 +386,14 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
             f"slice {cfg.shard_index} of {cfg.num_shards} done; {len(missing)} shard(s) still missing (other slices). "
             f"When every slice has finished, run `kdgen merge {url}`"
         )
-        return url
+        return url, job
     with _dataset_lock(job.fs, job.dataset_dir):
         manifest = fmt.read_manifest(job.fs, job.dataset_dir)
         committed_here = manifest is None
         if committed_here:
             manifest = finalize(job.fs, job.dataset_dir, job.manifest_core, cfg, time.perf_counter() - t0, work.gen_wall, work.gen_tokens)
-    locks.remove_lock_dir(job.fs, job.dataset_dir)
     console.print(f"[green]done:[/] {_summary(manifest)} -> {url}" + ("" if committed_here else " (committed by another process)"))
-    return url
+    return url, job
 
 
 class _Work:

@@ -104,20 +104,32 @@ class FileLock:
         ).encode()
 
     def _create(self) -> bool:
-        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        try:
-            with self.fs.open(self.path, "xb") as f:
-                f.write(self._record())
-            return True
-        except FileExistsError:
-            return False
-        except (ValueError, NotImplementedError):  # the store has no exclusive create
-            if self.fs.exists(self.path):
+        for attempt in range(3):
+            self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+            try:
+                with self.fs.open(self.path, "xb") as f:
+                    f.write(self._record())
+                return True
+            except FileExistsError:
                 return False
-            with self.fs.open(self.path, "wb") as f:
-                f.write(self._record())
-            time.sleep(0.2)  # let a racing writer land, then see whose record survived
-            return (self.holder() or {}).get("token") == self.token
+            except FileNotFoundError:
+                # a finishing process removed the (empty) lock directory between our makedirs and
+                # the create: make it again
+                if attempt == 2:
+                    raise
+                continue
+            except (ValueError, NotImplementedError):
+                break
+        return self._create_unsafe()
+
+    def _create_unsafe(self) -> bool:
+        """For stores without an exclusive create: write, wait, and see whose record survived."""
+        if self.fs.exists(self.path):
+            return False
+        with self.fs.open(self.path, "wb") as f:
+            f.write(self._record())
+        time.sleep(0.2)  # let a racing writer land, then see whose record survived
+        return (self.holder() or {}).get("token") == self.token
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free or stale; False while another live process holds it."""
