@@ -121,3 +121,30 @@ def test_a_waiting_run_finishes_after_the_holder(tmp_path, tiny_model_dir, capsy
     assert "waiting for 1 shard(s) that another process is writing" in capsys.readouterr().err
     assert_valid(url)
     assert rows_of(url) == rows_of(ref)
+
+
+def test_a_run_overtaken_by_another_process_leaves_no_locks(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Another process commits the whole dataset between this run's plan and its first claim: this run
+    stops, and the lock directory its claim re-created is gone (CI once found `.kdgen-locks` left)."""
+    import shutil
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", CHAT_ROWS[:2])
+    ref = gen.run(small_config(prompts, str(tmp_path / "ref"), tiny_model_dir))
+    ds = tmp_path / "out" / Path(ref).name
+    real, calls = gen._shard_is_complete, []
+
+    def other_process_commits_first(job, name, expected):
+        calls.append(name)
+        if len(calls) <= 2:  # the plan's look at both shards: nothing there yet
+            return False
+        if len(calls) == 3:  # the loop's look at shard 0, just before the other process commits
+            shutil.copytree(ref, ds, dirs_exist_ok=True)
+            (ds / gen.PLAN).unlink()  # its commit removes the shared plan, as finalize() does
+            return False
+        return real(job, name, expected)
+
+    monkeypatch.setattr(gen, "_shard_is_complete", other_process_commits_first)
+    url = gen.run(small_config(prompts, str(tmp_path / "out"), tiny_model_dir))
+    assert "another process committed" in capsys.readouterr().err
+    assert sorted(p.name for p in Path(url).iterdir()) == ["README.md", "data", "manifest.json"]
+    assert rows_of(url) == rows_of(ref)
