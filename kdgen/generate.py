@@ -44,7 +44,7 @@ from kdgen.progress import RowProgress, console, status
 from kdgen.prompts import Prompt, encode_prompt, load_prompts
 from kdgen.locks import FileLock, lock_path
 from kdgen.store import RowReuse
-from kdgen.teacher import Teacher, load_teacher
+from kdgen.teacher import Teacher, load_teacher, remembered_identity
 
 PLAN = ".kdgen-plan.json"
 WAIT_POLL_S = 1.0  # how often a process waiting for another's shards or lock looks again
@@ -150,16 +150,12 @@ class Job:
     dataset_dir: str
 
 
-def prepare(cfg: GenerateConfig, kind: str = "generate") -> Job:
+def _read_request(cfg: GenerateConfig, kind: str) -> tuple[list[Prompt], dict]:
+    """Validate the options and read the prompts (cheap: no tokenizer, no transformers import)."""
     validate(cfg, kind)
-    # prompts first: reading them is cheap, loading the teacher's tokenizer imports transformers
     prompts, prompt_info = load_prompts(
         cfg.prompts, cfg.prompt_column, cfg.split, cfg.completion_column if kind == "score" else None, cfg.limit
     )
-    teacher = load_teacher(cfg.teacher, cfg.dtype)
-    vocab = teacher.embedding_rows
-    if cfg.k > vocab:
-        raise KdError(f"--k {cfg.k}: top-k must be between 1 and the teacher vocab ({vocab})")
     if prompt_info["duplicates_dropped"]:
         console.print(f"[yellow]note:[/] {prompt_info['duplicates_dropped']} duplicate prompt(s) dropped (identical content)")
     if cfg.chat_template == "always":
@@ -167,6 +163,45 @@ def prepare(cfg: GenerateConfig, kind: str = "generate") -> Job:
             if p.text is not None:
                 p.messages, p.text = [{"role": "user", "content": p.text}], None
         prompt_info["content_hash"] = fmt.sha256_hex("\n".join(p.content_hash for p in prompts))
+    return prompts, prompt_info
+
+
+def _core(cfg: GenerateConfig, kind: str, teacher_info: dict, tokenizer_info: dict, prompt_info: dict) -> dict:
+    """What the fingerprint is computed from."""
+    backend = default_backend() if cfg.backend == "auto" else cfg.backend
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "teacher": teacher_info,
+        "tokenizer": tokenizer_info,
+        "generation": generation_info(cfg, backend, kind),
+        "prompts": prompt_info,
+    }
+
+
+def _quick_cache_hit(cfg: GenerateConfig, kind: str, prompt_info: dict) -> str | None:
+    """The URL of the finished dataset for this request, found without loading the teacher's tokenizer
+    (importing transformers costs seconds) when its identity is remembered from an earlier run."""
+    identity = remembered_identity(cfg.teacher, cfg.dtype)
+    if identity is None:
+        return None
+    fp = fmt.fingerprint(_core(cfg, kind, *identity, prompt_info))
+    fs, root = fmt.open_fs(cfg.out)
+    existing = fmt.read_manifest(fs, fmt.join(root, fp))
+    if existing is None:
+        return None
+    url = cfg.out.rstrip("/") + "/" + fp
+    console.print(f"[green]cache hit:[/] {url} already holds this dataset ({_summary(existing)})")
+    return url
+
+
+def prepare(cfg: GenerateConfig, kind: str = "generate", request: tuple[list[Prompt], dict] | None = None) -> Job:
+    # prompts first: reading them is cheap, loading the teacher's tokenizer imports transformers
+    prompts, prompt_info = request or _read_request(cfg, kind)
+    teacher = load_teacher(cfg.teacher, cfg.dtype)
+    vocab = teacher.embedding_rows
+    if cfg.k > vocab:
+        raise KdError(f"--k {cfg.k}: top-k must be between 1 and the teacher vocab ({vocab})")
+    teacher.remember()
     tok = teacher.tokenizer
     prompt_ids = []
     for p in prompts:
@@ -191,14 +226,7 @@ def prepare(cfg: GenerateConfig, kind: str = "generate") -> Job:
             completion_ids.append(ids)
     if any(max(ids, default=0) >= vocab for ids in prompt_ids):
         raise KdError("the tokenizer produced ids beyond the model's embedding rows; tokenizer and weights do not match")
-    backend = default_backend() if cfg.backend == "auto" else cfg.backend
-    core = {
-        "format_version": fmt.FORMAT_VERSION,
-        "teacher": teacher.teacher_info(),
-        "tokenizer": teacher.tokenizer_info(),
-        "generation": generation_info(cfg, backend, kind),
-        "prompts": prompt_info,
-    }
+    core = _core(cfg, kind, teacher.teacher_info(), teacher.tokenizer_info(), prompt_info)
     fp = fmt.fingerprint(core)
     fs, root = fmt.open_fs(cfg.out)
     return Job(cfg, kind, teacher, prompts, prompt_ids, completion_ids, core, fp, fs, root, fmt.join(root, fp))
@@ -298,7 +326,11 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
 def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
     t0 = time.perf_counter()
     with status(f"resolving teacher {cfg.teacher} and reading prompts"):
-        job = prepare(cfg, kind)
+        request = _read_request(cfg, kind)
+        hit = _quick_cache_hit(cfg, kind, request[1])
+        if hit is not None:
+            return hit, None
+        job = prepare(cfg, kind, request)
     url = cfg.out.rstrip("/") + "/" + job.fingerprint
     existing = fmt.read_manifest(job.fs, job.dataset_dir)
     if existing is not None:

@@ -6,11 +6,14 @@ fingerprint — and answer a cache hit — before paying for an engine start.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from kdgen.errors import KdError
 from kdgen.format import canonical_json, sha256_hex
-from kdgen.models import ResolvedModel, resolve
+from kdgen.models import ResolvedModel, cache_dir, resolve
 from kdgen.prompts import chat_template_of
 
 
@@ -37,11 +40,55 @@ class Teacher:
         return tokenizer_identity(self.tokenizer, self.embedding_rows)
 
     def teacher_info(self) -> dict:
-        info = self.model.identity()
-        info["dtype"] = self.dtype
-        info["architecture"] = (getattr(self.config, "architectures", None) or ["?"])[0]
-        info["context"] = self.context
-        return info
+        architecture = (getattr(self.config, "architectures", None) or ["?"])[0]
+        return _teacher_info(self.model, self.dtype, architecture, self.context)
+
+    def remember(self) -> None:
+        """Keep this teacher's identity on disk so a later cache hit needs no transformers import."""
+        path = _identity_memo(self.model, self.dtype)
+        info = self.teacher_info()
+        record = {"architecture": info["architecture"], "context": info["context"], "tokenizer": self.tokenizer_info()}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp-{id(self)}")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache only costs the next cache hit a few seconds
+
+
+def _teacher_info(model: ResolvedModel, dtype: str, architecture: str, context: int) -> dict:
+    return {**model.identity(), "dtype": dtype, "architecture": architecture, "context": context}
+
+
+def _identity_memo(model: ResolvedModel, dtype: str) -> Path:
+    """Where a teacher's identity is remembered: keyed by everything it is computed from — the weights'
+    hash, every other file of the checkpoint (name, size, mtime) and the tokenizer libraries' versions."""
+    files = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in Path(model.path).iterdir()
+        if p.is_file() and p.suffix not in (".safetensors", ".bin", ".pt", ".gguf")
+    )
+    versions = []
+    for pkg in ("transformers", "tokenizers"):
+        try:
+            versions.append(version(pkg))
+        except PackageNotFoundError:
+            versions.append(None)
+    key = sha256_hex(canonical_json([model.path, model.weights_hash, dtype, files, versions]))[:32]
+    return cache_dir() / "identities" / f"{key}.json"
+
+
+def remembered_identity(spec: str, dtype: str = "auto") -> tuple[dict, dict] | None:
+    """(teacher_info, tokenizer_info) of a teacher seen before, without loading its tokenizer; None if
+    it was not seen with exactly these files."""
+    model = resolve(spec)
+    dtype = resolve_dtype(dtype)
+    try:
+        record = json.loads(_identity_memo(model, dtype).read_text())
+        return _teacher_info(model, dtype, record["architecture"], record["context"]), record["tokenizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def tokenizer_identity(tokenizer, embedding_rows: int) -> dict:

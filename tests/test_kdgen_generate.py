@@ -30,6 +30,7 @@ from conftest import build_tiny_model
 from kdgen import format as fmt
 from kdgen.errors import KdError
 from kdgen.prompts import load_prompts
+from kdgen.teacher import load_teacher, remembered_identity
 from kdgen_helpers import (  # noqa: F401  (one_torch_thread: autouse fixture)
     CHAT_ROWS,
     ONE_THREAD_ENV,
@@ -164,6 +165,37 @@ def test_cache_hit_returns_at_once(base, tmp_path, monkeypatch):
         assert time.perf_counter() - t0 < 5
     assert (seen.starts, seen.rows) == (0, [])  # no engine started
     assert {p: p.stat().st_mtime_ns for p in base.root.rglob("*")} == before
+
+
+CACHE_HIT = r"""
+import json, sys
+from kdgen.generate import GenerateConfig, run
+
+print(run(GenerateConfig(**json.loads(sys.argv[1]))))
+print("transformers-imported" if "transformers" in sys.modules else "transformers-not-imported")
+"""
+
+
+def test_cache_hit_in_a_new_process_needs_no_tokenizer(base):
+    """The teacher's identity is remembered by the first run, so a cache hit answers without importing
+    transformers (seconds of the few a cache hit costs)."""
+    r = subprocess.run([sys.executable, "-c", CACHE_HIT, json.dumps(asdict(base.cfg))], capture_output=True, text=True, timeout=120, env=ONE_THREAD_ENV)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [base.url, "transformers-not-imported"]
+    assert "cache hit" in r.stderr
+
+
+def test_remembered_identity_is_the_live_one_until_a_file_changes(tmp_path, tiny_model_dir):
+    model = tmp_path / "teacher"
+    shutil.copytree(tiny_model_dir, model)
+    assert remembered_identity(str(model), "float32") is None
+    teacher = load_teacher(str(model), "float32")
+    teacher.remember()
+    assert remembered_identity(str(model), "float32") == (teacher.teacher_info(), teacher.tokenizer_info())
+    assert remembered_identity(str(model), "bfloat16") is None
+    config = model / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")  # any change to a tokenizer file forgets the identity
+    assert remembered_identity(str(model), "float32") is None
 
 
 # A run that dies by SIGKILL while its second shard is half written: the temp file exists, the

@@ -1,0 +1,5 @@
+"""`python -m kdgen ...`, the same as the `kdgen` command."""
+
+from kdgen.cli import main
+
+main()
