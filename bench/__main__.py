@@ -19,8 +19,8 @@ ROOT = HERE.parent
 # (name, script arguments) per preset; each entry is one side-by-side measurement run.
 PRESETS = {
     "small": [
-        ("generate_speed-tiny", ["bench/generate_speed.py", "--model", "tiny", "--prompts", "64", "--max-new-tokens", "128"]),
-        ("generate_speed-teacher", ["bench/generate_speed.py", "--model", "teacher", "--prompts", "32", "--max-new-tokens", "128"]),
+        ("generate_speed-tiny", ["bench/generate_speed.py", "--model", "tiny", "--prompts", "64", "--max-new-tokens", "128", "--repeats", "5"]),
+        ("generate_speed-teacher", ["bench/generate_speed.py", "--model", "teacher", "--prompts", "32", "--max-new-tokens", "128", "--repeats", "5"]),
         ("hf_vs_vllm-teacher", ["bench/generate_speed.py", "--model", "teacher", "--hf-vs-vllm", "--prompts", "64", "--max-new-tokens", "48"]),
         ("storage", ["bench/storage.py", "--prompts", "96", "--max-new-tokens", "192"]),
         ("scale", ["bench/scale.py", "--model", "tiny", "--prompts", "16", "--max-new-tokens", "64", "--shards", "64"]),

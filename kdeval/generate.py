@@ -60,8 +60,9 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _hwm() -> int:
-    """Peak RSS of this process in bytes (VmHWM)."""
+def peak_rss() -> int:
+    """Peak RSS of this process in bytes (VmHWM: unlike ru_maxrss it does not carry the peak of the
+    process that forked and exec'd this one)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -128,7 +129,7 @@ class MemoryMeter:
             self.peak = int(torch.cuda.max_memory_allocated() - self._base)
             return
         if self._thread is None:
-            self._max = _hwm()
+            self._max = peak_rss()
         else:
             self._stop.set()
             self._thread.join()

@@ -113,11 +113,13 @@ def check_parallel(trainer: KDTrainer, cfg: TrainConfig) -> None:
         )
 
 
-def training_args(cfg: TrainConfig):
+def training_args(cfg: TrainConfig, config_class=None, **extra):
+    """TRL arguments from a kdtrain config (`config_class`, a subclass of SFTConfig, and `extra`
+    fields let a benchmark build another TRL trainer on exactly the same settings)."""
     from trl import SFTConfig
 
     check_deepspeed(cfg)
-    return SFTConfig(
+    return (config_class or SFTConfig)(
         output_dir=cfg.out,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -151,6 +153,7 @@ def training_args(cfg: TrainConfig):
         remove_unused_columns=False,
         max_length=None,
         packing=False,
+        **extra,
     )
 
 
