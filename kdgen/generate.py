@@ -1,7 +1,9 @@
 """`kdgen generate` / `kdgen score`: prompts in, a complete teacher dataset out.
 
-    run(cfg): validate -> resolve teacher (config + tokenizer only) -> read + encode prompts
-              -> fingerprint -> cache hit? return -> plan shards (under the dataset lock)
+    run(cfg): validate + read prompts -> teacher identity remembered from an earlier run? then
+              fingerprint -> cache hit? return (no transformers import) -> resolve teacher (config +
+              tokenizer only) -> encode prompts -> fingerprint -> cache hit? return
+              -> plan shards (under the dataset lock)
               -> skip complete shards (resume) -> index reusable rows of sibling datasets
               -> per shard: claim it -> reused rows + generated rows (engine started on first
                  need) -> atomic write -> release -> card -> manifest (last, under the lock)
