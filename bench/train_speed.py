@@ -57,14 +57,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, results_path, tiny_model, write_result  # noqa: E402
-from kdeval.generate import peak_rss  # noqa: E402
+from kdeval.generate import current_rss, peak_rss  # noqa: E402
 
 DENSE_TEACHER = "smollm2-135m-instruct"
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _write_dataset(root: Path, core: dict, rows: list, prompts: list, shard_rows: int, note: dict) -> str:
@@ -297,7 +292,7 @@ def arm(kind: str, url: str, student: str, out: str, batch: int, steps: int, war
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
+    base = torch.cuda.memory_allocated() / 2**20 if cuda else current_rss() / 2**20
     trainer.train()
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so every arm would report the peak of
     # the bench process that started it (7.4 GB after the reading part)

@@ -55,7 +55,8 @@ class Generated:
         return [tokenizer.decode(c, skip_special_tokens=True).strip() for c in self.completion_ids]
 
 
-def _rss() -> int:
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -108,7 +109,7 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
-        self._base = _rss()
+        self._base = current_rss()
         self._max = self._base
         self._stop = threading.Event()
         self._thread = None
@@ -119,7 +120,7 @@ class MemoryMeter:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._max = max(self._max, _rss())
+            self._max = max(self._max, current_rss())
             time.sleep(self.interval)
 
     def __exit__(self, *exc) -> None:
@@ -133,7 +134,7 @@ class MemoryMeter:
         else:
             self._stop.set()
             self._thread.join()
-        self._max = max(self._max, _rss())
+        self._max = max(self._max, current_rss())
         self.peak = int(self._max - self._base)
 
 

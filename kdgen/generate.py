@@ -45,6 +45,7 @@ from kdgen.errors import KdError, collect
 from kdgen.progress import RowProgress, console, status
 from kdgen.prompts import Prompt, encode_prompt, load_prompts
 from kdgen.locks import FileLock, lock_path
+from kdgen.models import ResolvedModel, resolve
 from kdgen.store import RowReuse
 from kdgen.teacher import Teacher, load_teacher, remembered_identity
 
@@ -180,10 +181,10 @@ def _core(cfg: GenerateConfig, kind: str, teacher_info: dict, tokenizer_info: di
     }
 
 
-def _quick_cache_hit(cfg: GenerateConfig, kind: str, prompt_info: dict) -> str | None:
+def _quick_cache_hit(cfg: GenerateConfig, kind: str, prompt_info: dict, model: ResolvedModel) -> str | None:
     """The URL of the finished dataset for this request, found without loading the teacher's tokenizer
     (importing transformers costs seconds) when its identity is remembered from an earlier run."""
-    identity = remembered_identity(cfg.teacher, cfg.dtype)
+    identity = remembered_identity(model, cfg.dtype)
     if identity is None:
         return None
     fp = fmt.fingerprint(_core(cfg, kind, *identity, prompt_info))
@@ -196,10 +197,14 @@ def _quick_cache_hit(cfg: GenerateConfig, kind: str, prompt_info: dict) -> str |
     return url
 
 
-def prepare(cfg: GenerateConfig, kind: str = "generate", request: tuple[list[Prompt], dict] | None = None) -> Job:
+def prepare(
+    cfg: GenerateConfig, kind: str = "generate", request: tuple[list[Prompt], dict] | None = None, model: ResolvedModel | None = None
+) -> Job:
+    """Everything before generation; `request` and `model`: the prompts already read and the teacher
+    spec already resolved (by `run`)."""
     # prompts first: reading them is cheap, loading the teacher's tokenizer imports transformers
     prompts, prompt_info = request or _read_request(cfg, kind)
-    teacher = load_teacher(cfg.teacher, cfg.dtype)
+    teacher = load_teacher(cfg.teacher, cfg.dtype, model)
     vocab = teacher.embedding_rows
     if cfg.k > vocab:
         raise KdError(f"--k {cfg.k}: top-k must be between 1 and the teacher vocab ({vocab})")
@@ -329,10 +334,11 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
     t0 = time.perf_counter()
     with status(f"resolving teacher {cfg.teacher} and reading prompts"):
         request = _read_request(cfg, kind)
-        hit = _quick_cache_hit(cfg, kind, request[1])
+        model = resolve(cfg.teacher)
+        hit = _quick_cache_hit(cfg, kind, request[1], model)
         if hit is not None:
             return hit, None
-        job = prepare(cfg, kind, request)
+        job = prepare(cfg, kind, request, model)
     url = cfg.out.rstrip("/") + "/" + job.fingerprint
     existing = fmt.read_manifest(job.fs, job.dataset_dir)
     if existing is not None:

@@ -117,10 +117,9 @@ class FileLock:
                 # the create: make it again
                 if attempt == 2:
                     raise
-                continue
-            except (ValueError, NotImplementedError):
-                break
-        return self._create_unsafe()
+            except (ValueError, NotImplementedError):  # the store has no exclusive create
+                return self._create_unsafe()
+        raise AssertionError("unreachable")
 
     def _create_unsafe(self) -> bool:
         """For stores without an exclusive create: write, wait, and see whose record survived."""

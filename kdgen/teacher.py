@@ -79,10 +79,9 @@ def _identity_memo(model: ResolvedModel, dtype: str) -> Path:
     return cache_dir() / "identities" / f"{key}.json"
 
 
-def remembered_identity(spec: str, dtype: str = "auto") -> tuple[dict, dict] | None:
+def remembered_identity(model: ResolvedModel, dtype: str = "auto") -> tuple[dict, dict] | None:
     """(teacher_info, tokenizer_info) of a teacher seen before, without loading its tokenizer; None if
     it was not seen with exactly these files."""
-    model = resolve(spec)
     dtype = resolve_dtype(dtype)
     try:
         record = json.loads(_identity_memo(model, dtype).read_text())
@@ -121,8 +120,9 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def load_teacher(spec: str, dtype: str = "auto") -> Teacher:
-    model = resolve(spec)  # before importing transformers (seconds): a bad spec fails at once
+def load_teacher(spec: str, dtype: str = "auto", model: ResolvedModel | None = None) -> Teacher:
+    """Config and tokenizer of the teacher `spec` (`model`: the spec already resolved)."""
+    model = model or resolve(spec)  # before importing transformers (seconds): a bad spec fails at once
     from transformers import AutoConfig, AutoTokenizer
 
     try:

@@ -30,6 +30,7 @@ from conftest import build_tiny_model
 from kdgen import format as fmt
 from kdgen.errors import KdError
 from kdgen.prompts import load_prompts
+from kdgen.models import resolve
 from kdgen.teacher import load_teacher, remembered_identity
 from kdgen_helpers import (  # noqa: F401  (one_torch_thread: autouse fixture)
     CHAT_ROWS,
@@ -188,14 +189,14 @@ def test_cache_hit_in_a_new_process_needs_no_tokenizer(base):
 def test_remembered_identity_is_the_live_one_until_a_file_changes(tmp_path, tiny_model_dir):
     model = tmp_path / "teacher"
     shutil.copytree(tiny_model_dir, model)
-    assert remembered_identity(str(model), "float32") is None
+    assert remembered_identity(resolve(str(model)), "float32") is None
     teacher = load_teacher(str(model), "float32")
     teacher.remember()
-    assert remembered_identity(str(model), "float32") == (teacher.teacher_info(), teacher.tokenizer_info())
-    assert remembered_identity(str(model), "bfloat16") is None
+    assert remembered_identity(resolve(str(model)), "float32") == (teacher.teacher_info(), teacher.tokenizer_info())
+    assert remembered_identity(resolve(str(model)), "bfloat16") is None
     config = model / "tokenizer_config.json"
     config.write_text(config.read_text() + "\n")  # any change to a tokenizer file forgets the identity
-    assert remembered_identity(str(model), "float32") is None
+    assert remembered_identity(resolve(str(model)), "float32") is None
 
 
 # A run that dies by SIGKILL while its second shard is half written: the temp file exists, the
