@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,12 +76,26 @@ def cli(tool: str, *args: str) -> Timed:
     return Timed(wall, cpu, done.stdout, done.stderr)
 
 
+def scratch(prefix: str) -> Path:
+    """A temporary work directory, removed when the script exits (set KD_BENCH_KEEP=1 to keep it).
+
+    Benchmarks write teacher datasets, checkpoints and students of several GB; left behind, a few
+    runs fill the disk.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("KD_BENCH_KEEP"):
+        print(f"keeping {path} (KD_BENCH_KEEP is set)", file=sys.stderr)
+    else:
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def tiny_model(tokenizer, layers: int = 2, hidden: int = 64) -> str:
     """A tiny Llama with the tokenizer's vocabulary (head_dim 32: vLLM's CPU attention minimum)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    out = Path(tempfile.mkdtemp(prefix="kd-tiny-"))
+    out = scratch("kd-tiny-")
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

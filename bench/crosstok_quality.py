@@ -29,7 +29,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import machine, write_result  # noqa: E402
+from bench.common import machine, scratch, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +146,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    work = Path(tempfile.mkdtemp(prefix="kd-crosstok-"))
+    work = scratch("kd-crosstok-")
     t0 = time.perf_counter()
     train_ds, heldout_ds = teacher_datasets(args, work)
     gen_s = time.perf_counter() - t0

@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("KD_QUIET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, results_path, tiny_model, write_result  # noqa: E402
+from bench.common import machine, results_path, scratch, tiny_model, write_result  # noqa: E402
 
 
 def load_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -60,7 +59,7 @@ def capture_overhead(model_path: str, prompt_ids: list[list[int]], max_new: int,
     prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
     reqs = [Request(f"r{i}", p, request_seed(0, f"r{i}")) for i, p in enumerate(prompt_ids)]
     cfg = SamplingConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new, k=k)
-    out_dir = tempfile.mkdtemp(prefix="kd-bench-")
+    out_dir = str(scratch("kd-bench-"))
     fs, root = fmt.open_fs(out_dir)
 
     def plain():

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cli, machine, write_result  # noqa: E402
+from bench.common import cli, machine, scratch, write_result  # noqa: E402
 
 LAYERS = "0,6,12,18,24,29"
 ARMS = {
@@ -120,7 +119,7 @@ def main() -> None:
     unknown = set(arms) - {"none", *ARMS}
     if unknown:
         sys.exit(f"unknown arm(s) {', '.join(sorted(unknown))}; choose from none, {', '.join(ARMS)}")
-    work = Path(args.work or tempfile.mkdtemp(prefix="kd-quality-"))
+    work = Path(args.work) if args.work else scratch("kd-quality-")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 

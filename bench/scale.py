@@ -40,9 +40,7 @@ import json
 import os
 import re
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, cli, machine, results_path, tiny_model, write_result  # noqa: E402
+from bench.common import ROOT, cli, machine, results_path, scratch, tiny_model, write_result  # noqa: E402
 
 TEACHER = "smollm2-135m-instruct"
 MULTIPLES = (1, 2, 4)
@@ -209,7 +207,6 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=64, help="shards of the many-shard dataset")
     ap.add_argument("--shard-prompts", type=int, default=1, help="prompts per shard of the many-shard dataset")
     ap.add_argument("--shard-max-new-tokens", type=int, default=4, help="short: one-prompt shards decode one sequence at a time")
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -217,7 +214,7 @@ def main() -> None:
     from kdgen.models import resolve
 
     t0, load_start = time.perf_counter(), os.getloadavg()
-    work = Path(tempfile.mkdtemp(prefix="kd-scale-"))
+    work = scratch("kd-scale-")
     tok = AutoTokenizer.from_pretrained(resolve(TEACHER).path)
     teacher = TEACHER if args.model == "teacher" else tiny_model(tok)
     student = tiny_model(tok, layers=args.student_layers, hidden=args.student_hidden)
@@ -260,10 +257,6 @@ def main() -> None:
     write_result("scale", result)
     print(json.dumps(figures, indent=1))
     print(f"-> {results_path('scale')} ({total:.0f} s)", file=sys.stderr)
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
-        for path in {teacher, student} - {TEACHER}:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, results_path, tiny_model, write_result  # noqa: E402
+from bench.common import machine, results_path, scratch, tiny_model, write_result  # noqa: E402
 from kdeval.generate import current_rss, peak_rss  # noqa: E402
 
 DENSE_TEACHER = "smollm2-135m-instruct"
@@ -351,7 +350,7 @@ def main() -> None:
         return
     from kdgen.format import TeacherDataset
 
-    work = Path(tempfile.mkdtemp(prefix="kd-train-speed-"))
+    work = scratch("kd-train-speed-")
     t0 = time.perf_counter()
     source = args.real_data or real_teacher_dataset(args.cache)
     real = replicate_dataset(work, source, args.reading_tokens)
