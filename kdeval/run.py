@@ -169,11 +169,11 @@ def sampling_of(cfg: EvalConfig, ds: TeacherDataset | None) -> SamplingConfig:
 def model_prompt_ids(p: Prompt, tokenizer) -> list[int]:
     """What a model is prompted with: its chat template; for chat prompts and a tokenizer without
     one (base-model tokenizers, as cross-tokenizer students often have), the turns as plain
-    paragraphs — the form kdtrain trains such students on (kdtrain.data._encode_prompt)."""
+    paragraphs — the form kdtrain trains such students on (kdtrain.data.encode_prompts)."""
     if p.messages is not None and chat_template_of(tokenizer) is None:
-        from kdtrain.data import _encode_prompt
+        from kdtrain.data import encode_prompts
 
-        return _encode_prompt(tokenizer, p.messages, None)
+        return encode_prompts(tokenizer, [(p.messages, None)])[0]
     return encode_prompt(p, tokenizer)
 
 

@@ -34,7 +34,7 @@ import torch
 from kdgen.errors import KdError
 from kdgen.teacher import tokenizer_identity
 from kdtrain.align import chunk_alignment, first_of_chunk, merge_candidates, valid_utf8_prefix
-from kdtrain.data import KDCollator, Prepared, TeacherData, _encode_prompt, _finish, _offsets, _overflow
+from kdtrain.data import KDCollator, Prepared, TeacherData, _encode, _finish, _offsets, _overflow, encode_prompts
 from kdtrain.vocab_map import TokenBytes, VocabMap
 
 
@@ -113,7 +113,8 @@ def align_rows(batch, prompts: list[tuple], ctx: CrossTok) -> list[AlignedRow]:
         t_bytes.append(b[:cut])
         texts.append(b[:cut].decode("utf-8"))
         cuts.append(len(b) - cut)
-    enc = st(texts, add_special_tokens=False)["input_ids"] if texts else []
+    enc = _encode(st, texts)
+    prompt_ids_all = encode_prompts(st, prompts)
     eos = getattr(st, "eos_token_id", None)
     out = []
     for i in range(rows):
@@ -124,7 +125,7 @@ def align_rows(batch, prompts: list[tuple], ctx: CrossTok) -> list[AlignedRow]:
         if stopped and eos is not None and cuts[i] == 0:
             s_ids = np.append(s_ids, eos)
         s_lens = ctx.student.spell(s_ids, t_bytes[i])
-        prompt_ids = _encode_prompt(st, *prompts[i])
+        prompt_ids = prompt_ids_all[i]
         if s_lens is None:
             none_t, none_s = np.full(len(t_ids), -1), np.full(len(s_ids), -1)
             out.append(AlignedRow(texts[i], prompt_ids, s_ids, none_t, none_s, np.zeros(0, np.int64), np.zeros(0, np.int64), False, cuts[i]))

@@ -262,9 +262,12 @@ def text_examples(data: TeacherData, tokenizer, same: bool, max_length: int, ove
                     starts.append(len(b.prompt_ids[i]))
         else:
             table = ds.read_table(columns=["messages", "prompt", "completion", "finish_reason"])
-            for row in table.to_pylist():
-                p = _encode_prompt(tokenizer, row["messages"], row["prompt"])
-                c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+            if limit is not None:
+                table = table.slice(0, limit - len(seqs))
+            rows = table.to_pylist()
+            prompts = encode_prompts(tokenizer, [(r["messages"], r["prompt"]) for r in rows])
+            completions = _encode(tokenizer, [r["completion"] for r in rows])
+            for row, p, c in zip(rows, prompts, completions):
                 if row["finish_reason"] == "stop" and tokenizer.eos_token_id is not None:
                     c = c + [tokenizer.eos_token_id]
                 seqs.append(np.asarray(p + c, np.int64))
@@ -289,15 +292,22 @@ def text_examples(data: TeacherData, tokenizer, same: bool, max_length: int, ove
     return _finish(out, max_length)
 
 
-def _encode_prompt(tokenizer, messages: list[dict] | None, prompt: str | None) -> list[int]:
-    if messages:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:  # no chat template: the turns as plain paragraphs
-            text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-    else:
-        text = prompt or ""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _prompt_text(tokenizer, messages: list[dict] | None, prompt: str | None) -> str:
+    if not messages:
+        return prompt or ""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages) + "\n\n"  # no chat template: the turns as plain paragraphs
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, in one batched call (a fast tokenizer encodes them in parallel)."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def encode_prompts(tokenizer, prompts: list[tuple[list[dict] | None, str | None]]) -> list[list[int]]:
+    """The student's ids of each (messages, prompt): its chat template for chats, plain prompts raw."""
+    return _encode(tokenizer, [_prompt_text(tokenizer, m, p) for m, p in prompts])
 
 
 def _finish(out: Prepared, max_length: int) -> Prepared:

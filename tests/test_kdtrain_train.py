@@ -231,6 +231,29 @@ def test_other_tokenizer_logit_and_text_work(world, tmp_path):
     assert record["log_history"][-1]["ce"] > 0
 
 
+def test_other_tokenizer_text_examples_are_the_students_own_encoding(world, tmp_path):
+    """Text mode across tokenizers: each example is the student's chat-template prompt, then the
+    completion text re-tokenised (one batched call per dataset), then EOS where the teacher stopped."""
+    from transformers import AutoTokenizer
+
+    from kdgen.format import TeacherDataset
+    from kdtrain.data import TeacherData, text_examples
+
+    other = AutoTokenizer.from_pretrained(_other_tokenizer_model(tmp_path / "other"))
+    ds = TeacherDataset(world["data"])
+    rows = ds.read_table(columns=["messages", "completion", "finish_reason"]).to_pylist()
+    prep = text_examples(TeacherData([ds]), other, same=False, max_length=4096, overflow="truncate", limit=5)
+    assert prep.num_rows == 5 and prep.rows_in == 5
+    for i, row in enumerate(rows[:5]):
+        seq = prep.seq_ids[prep.seq_offsets[i] : prep.seq_offsets[i + 1]].tolist()
+        text = "\n\n".join(m["content"] for m in row["messages"]) + "\n\n"  # no chat template: plain paragraphs
+        prompt = other.encode(text, add_special_tokens=False)
+        completion = other.encode(row["completion"], add_special_tokens=False)
+        eos = [other.eos_token_id] if row["finish_reason"] == "stop" else []
+        assert seq == prompt + completion + eos
+        assert prep.completion_start[i] == len(prompt)
+
+
 def test_padded_embedding_rows(world, tokenizer, tmp_path):
     """Same tokenizer, different embedding rows: student padded above the teacher, and teacher padded
     above the student (teacher ids beyond the student's rows go to the tail bucket)."""
