@@ -1,7 +1,8 @@
 """`kdgen generate` / `kdgen score`: prompts in, a complete teacher dataset out.
 
     run(cfg): validate + read prompts -> teacher identity remembered from an earlier run? then
-              fingerprint -> cache hit? return (no transformers import) -> resolve teacher (config +
+              fingerprint -> cache hit? return; every planned shard written but not committed?
+              commit (both without importing transformers) -> resolve teacher (config +
               tokenizer only) -> encode prompts -> fingerprint -> cache hit? return
               -> plan shards (under the dataset lock)
               -> skip complete shards (resume) -> index reusable rows of sibling datasets
@@ -181,19 +182,38 @@ def _core(cfg: GenerateConfig, kind: str, teacher_info: dict, tokenizer_info: di
     }
 
 
-def _quick_cache_hit(cfg: GenerateConfig, kind: str, prompt_info: dict, model: ResolvedModel) -> str | None:
-    """The URL of the finished dataset for this request, found without loading the teacher's tokenizer
-    (importing transformers costs seconds) when its identity is remembered from an earlier run."""
+def _quick_finish(cfg: GenerateConfig, kind: str, request: tuple[list[Prompt], dict], model: ResolvedModel, t0: float) -> str | None:
+    """Answer without loading the teacher's tokenizer (importing transformers costs seconds) when its
+    identity is remembered from an earlier run: the URL of the finished dataset for this request (a
+    cache hit), or of the one committed here because every planned shard was already written (a run
+    killed just before its commit; slices that all finished on one root)."""
     identity = remembered_identity(model, cfg.dtype)
     if identity is None:
         return None
-    fp = fmt.fingerprint(_core(cfg, kind, *identity, prompt_info))
+    prompts, prompt_info = request
+    core = _core(cfg, kind, *identity, prompt_info)
+    fp = fmt.fingerprint(core)
     fs, root = fmt.open_fs(cfg.out)
-    existing = fmt.read_manifest(fs, fmt.join(root, fp))
-    if existing is None:
-        return None
+    dataset_dir = fmt.join(root, fp)
     url = cfg.out.rstrip("/") + "/" + fp
-    console.print(f"[green]cache hit:[/] {url} already holds this dataset ({_summary(existing)})")
+    existing = fmt.read_manifest(fs, dataset_dir)
+    if existing is not None:
+        console.print(f"[green]cache hit:[/] {url} already holds this dataset ({_summary(existing)})")
+        return url
+    if not fs.exists(fmt.join(dataset_dir, fmt.DATA_DIR)):
+        return None
+    plan = _read_plan(fs, dataset_dir) or {"fingerprint": fp, "shard_prompts": cfg.shard_prompts}
+    per, n = plan["shard_prompts"], core["generation"]["n"]
+    num = max(1, math.ceil(len(prompts) / per))
+    if plan["fingerprint"] != fp or plan.get("num_shards", num) != num:
+        return None
+    sizes = [(min((i + 1) * per, len(prompts)) - i * per) * n for i in range(num)]
+    if not all(_shard_has_rows(fs, dataset_dir, fmt.shard_name(i, num), rows) for i, rows in enumerate(sizes)):
+        return None
+    _check_output(cfg, fs, root, fp)
+    console.print(f"resuming: {sum(sizes)} of {sum(sizes)} rows already in complete shards")
+    _commit(fs, dataset_dir, core, cfg, url, time.perf_counter() - t0, 0.0, 0)
+    locks.remove_lock_dir(fs, dataset_dir)
     return url
 
 
@@ -239,38 +259,38 @@ def prepare(
     return Job(cfg, kind, teacher, prompts, prompt_ids, completion_ids, core, fp, fs, root, fmt.join(root, fp))
 
 
-def _check_output(job: Job) -> None:
+def _check_output(cfg: GenerateConfig, fs, root: str, fingerprint: str) -> None:
     """The output root must not be a different dataset, and must be writable."""
-    fs, root = job.fs, job.root
     existing = fmt.read_manifest(fs, root) if fs.exists(root) else None
     if existing is not None:
         raise KdError(
-            f"--out {job.cfg.out} is itself a dataset (fingerprint {existing.get('fingerprint')}); --out takes the "
+            f"--out {cfg.out} is itself a dataset (fingerprint {existing.get('fingerprint')}); --out takes the "
             f"root that holds datasets: use its parent directory"
         )
-    probe = fmt.join(root, f".kdgen-write-test-{job.fingerprint}-{uuid.uuid4().hex[:8]}")
+    probe = fmt.join(root, f".kdgen-write-test-{fingerprint}-{uuid.uuid4().hex[:8]}")
     try:
         fs.makedirs(root, exist_ok=True)
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
     except (OSError, PermissionError) as e:
-        raise KdError(f"--out {job.cfg.out}: cannot write there ({e.__class__.__name__}: {e}); choose a writable location") from None
-    plan = _read_plan(job)
-    if plan is not None and plan.get("fingerprint") != job.fingerprint:
-        raise KdError(f"{job.dataset_dir} holds a different dataset (fingerprint {plan.get('fingerprint')}); remove it or choose another --out")
+        raise KdError(f"--out {cfg.out}: cannot write there ({e.__class__.__name__}: {e}); choose a writable location") from None
+    dataset_dir = fmt.join(root, fingerprint)
+    plan = _read_plan(fs, dataset_dir)
+    if plan is not None and plan.get("fingerprint") != fingerprint:
+        raise KdError(f"{dataset_dir} holds a different dataset (fingerprint {plan.get('fingerprint')}); remove it or choose another --out")
 
 
-def _read_plan(job: Job) -> dict | None:
-    path = fmt.join(job.dataset_dir, PLAN)
-    if not job.fs.exists(path):
+def _read_plan(fs, dataset_dir: str) -> dict | None:
+    path = fmt.join(dataset_dir, PLAN)
+    if not fs.exists(path):
         return None
-    with job.fs.open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         return json.loads(f.read())
 
 
 def _plan(job: Job) -> dict:
-    plan = _read_plan(job)
+    plan = _read_plan(job.fs, job.dataset_dir)
     if plan is not None:
         if plan["shard_prompts"] != job.cfg.shard_prompts:
             console.print(
@@ -292,11 +312,15 @@ def _plan(job: Job) -> dict:
 
 
 def _shard_is_complete(job: Job, name: str, expected_rows: int) -> bool:
+    return _shard_has_rows(job.fs, job.dataset_dir, name, expected_rows)
+
+
+def _shard_has_rows(fs, dataset_dir: str, name: str, expected_rows: int) -> bool:
     """A renamed shard is complete by construction; still check its footer and row count."""
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_metadata(fmt.join(job.dataset_dir, fmt.DATA_DIR, name), filesystem=job.fs)
+        meta = pq.read_metadata(fmt.join(dataset_dir, fmt.DATA_DIR, name), filesystem=fs)
         return meta.num_rows == expected_rows
     except Exception:
         return False
@@ -335,16 +359,16 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
     with status(f"resolving teacher {cfg.teacher} and reading prompts"):
         request = _read_request(cfg, kind)
         model = resolve(cfg.teacher)
-        hit = _quick_cache_hit(cfg, kind, request[1], model)
-        if hit is not None:
-            return hit, None
+        done = _quick_finish(cfg, kind, request, model, t0)
+        if done is not None:
+            return done, None
         job = prepare(cfg, kind, request, model)
     url = cfg.out.rstrip("/") + "/" + job.fingerprint
     existing = fmt.read_manifest(job.fs, job.dataset_dir)
     if existing is not None:
         console.print(f"[green]cache hit:[/] {url} already holds this dataset ({_summary(existing)})")
         return url, None
-    _check_output(job)
+    _check_output(cfg, job.fs, job.root, job.fingerprint)
     with _dataset_lock(job.fs, job.dataset_dir):
         existing = fmt.read_manifest(job.fs, job.dataset_dir)
         if existing is None:
@@ -427,13 +451,18 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
             f"When every slice has finished, run `kdgen merge {url}`"
         )
         return url, job
-    with _dataset_lock(job.fs, job.dataset_dir):
-        manifest = fmt.read_manifest(job.fs, job.dataset_dir)
+    _commit(job.fs, job.dataset_dir, job.manifest_core, cfg, url, time.perf_counter() - t0, work.gen_wall, work.gen_tokens)
+    return url, job
+
+
+def _commit(fs, dataset_dir: str, core: dict, cfg: GenerateConfig, url: str, wall: float, gen_wall: float, gen_tokens: int) -> None:
+    """Every shard is written: commit the dataset under its lock, unless another process just did."""
+    with _dataset_lock(fs, dataset_dir):
+        manifest = fmt.read_manifest(fs, dataset_dir)
         committed_here = manifest is None
         if committed_here:
-            manifest = finalize(job.fs, job.dataset_dir, job.manifest_core, cfg, time.perf_counter() - t0, work.gen_wall, work.gen_tokens)
+            manifest = finalize(fs, dataset_dir, core, cfg, wall, gen_wall, gen_tokens)
     console.print(f"[green]done:[/] {_summary(manifest)} -> {url}" + ("" if committed_here else " (committed by another process)"))
-    return url, job
 
 
 class _Work:

@@ -186,6 +186,33 @@ def test_cache_hit_in_a_new_process_needs_no_tokenizer(base):
     assert "cache hit" in r.stderr
 
 
+@pytest.mark.parametrize("plan", ["sliced run's plan", "no plan"])
+def test_every_shard_written_commits_in_a_new_process_without_the_tokenizer(base, tmp_path, plan):
+    """Every planned shard is there but nothing committed them (slices that finished on one root, a
+    run killed just before its commit, a deleted manifest): a rerun commits them, with the teacher's
+    remembered identity and without importing transformers, into the uninterrupted run's dataset."""
+    out, other = tmp_path / "out", tmp_path / "other"
+    ds = out / base.fingerprint
+    if plan == "no plan":
+        shutil.copytree(base.dir, ds)
+        (ds / "manifest.json").unlink()
+        (ds / "README.md").unlink()
+    else:
+        gen.run(replace(base.cfg, out=str(out), shard_index=0, num_shards=2))
+        gen.run(replace(base.cfg, out=str(other), shard_index=1, num_shards=2))
+        shutil.copy(other / base.fingerprint / "data" / fmt.shard_name(1, 3), ds / "data")
+        assert (ds / gen.PLAN).exists() and not (ds / "manifest.json").exists()
+    cfg = replace(base.cfg, out=str(out))
+    r = subprocess.run([sys.executable, "-c", CACHE_HIT, json.dumps(asdict(cfg))], capture_output=True, text=True, timeout=120, env=ONE_THREAD_ENV)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(ds), "transformers-not-imported"]
+    assert "12 of 12 rows already in complete shards" in r.stderr and "done:" in r.stderr
+    manifest = assert_valid(str(ds))
+    assert manifest["fingerprint"] == base.fingerprint and manifest["config"]["out"] == str(out)
+    assert sorted(p.name for p in ds.iterdir()) == ["README.md", "data", "manifest.json"]  # no plan, no locks left
+    assert rows_of(str(ds)) == base.rows
+
+
 def test_remembered_identity_is_the_live_one_until_a_file_changes(tmp_path, tiny_model_dir):
     model = tmp_path / "teacher"
     shutil.copytree(tiny_model_dir, model)
