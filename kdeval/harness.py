@@ -69,7 +69,7 @@ def run(cfg: LmEvalConfig) -> str:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise KdError("lm-evaluation-harness is not installed: run `pip install -e '.[dev]'` (or `pip install lm-eval==0.4.13`)") from None
+        raise KdError("lm-evaluation-harness is not installed: install the `eval` extra (`pip install -e '.[eval]'`, or `pip install lm-eval==0.4.13`)") from None
     from kdgen.models import resolve
 
     try:
