@@ -85,6 +85,13 @@ def table(models: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _bold_caption(models: list[dict]) -> str:
+    ranked = {m.get("eval_key") for m in models if m["role"] != "teacher"}
+    if all(sum(1 for m in models if m["role"] != "teacher" and m.get("eval_key") == g) < 2 for g in ranked):
+        return "One student or baseline per set of prompts and data: nothing to rank, so nothing is in bold."
+    return "Best value among the students and baselines scored on the same prompts and data in **bold**."
+
+
 # ----------------------------------------------------------------------------------------------
 # Plots
 
@@ -209,7 +216,7 @@ def write_report(results: dict, out: str, samples: int = 3) -> list[str]:
         "",
         table(models),
         "",
-        "Best value among the students and baselines scored on the same prompts and data in **bold**. KL is the sparse KL(teacher ‖ student) per token "
+        _bold_caption(models) + " KL is the sparse KL(teacher ‖ student) per token "
         "over the teacher's top-k plus a tail bucket; top-1 agree: student argmax = teacher argmax; ECE: calibration "
         "of the student's top-1 against the teacher's tokens (15 bins); PPL: student perplexity on the teacher's "
         "completions; NLL/byte: the student's NLL of the teacher's completions per byte of text (nats; comparable across tokenizers). "

@@ -146,6 +146,7 @@ def test_compare_writes_report_plots_and_results(evaluated, world, tmp_path):
     assert md.count("| teacher | teacher |") == 1
     assert "| near@eval-b | student |" in md and "| far@eval-b | baseline |" in md
     assert "**" in md.split("## Results")[1].split("##")[0]  # best values in bold
+    assert "Best value among the students and baselines" in md
     assert "different datasets or prompts" in md
     for png in ("metrics.png", "loss_curves.png", "quality_vs_size.png"):
         with Image.open(report / png) as im:
@@ -157,6 +158,15 @@ def test_compare_writes_report_plots_and_results(evaluated, world, tmp_path):
     assert len(merged["runs"]) == 2 and merged["runs"][0]["dataset"]["fingerprint"] == Path(world["data"]).name
     assert {m["name"] for m in merged["models"]} == {"teacher", "near", "far", "near@eval-b", "far@eval-b"}
     assert all("weights_hash" in m and "kd_config" in m for m in merged["models"])
+
+
+def test_bold_caption_says_when_there_is_nothing_to_rank():
+    from kdeval.report import _bold_caption
+
+    teacher, s1 = {"role": "teacher", "eval_key": "a"}, {"role": "student", "eval_key": "a"}
+    assert "nothing is in bold" in _bold_caption([teacher, s1])
+    assert "nothing is in bold" in _bold_caption([teacher, s1, {"role": "student", "eval_key": "b"}])  # different prompts: not ranked together
+    assert "in **bold**" in _bold_caption([teacher, s1, {"role": "baseline", "eval_key": "a"}])
 
 
 def test_model_with_another_tokenizer(world, tmp_path):
