@@ -212,7 +212,7 @@ def _quick_finish(cfg: GenerateConfig, kind: str, request: tuple[list[Prompt], d
         return None
     _check_output(cfg, fs, root, fp)
     console.print(f"resuming: {sum(sizes)} of {sum(sizes)} rows already in complete shards")
-    _commit(fs, dataset_dir, core, cfg, url, time.perf_counter() - t0, 0.0, 0)
+    _commit(fs, dataset_dir, core, cfg, url, num, time.perf_counter() - t0, 0.0, 0)
     locks.remove_lock_dir(fs, dataset_dir)
     return url
 
@@ -451,17 +451,17 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
             f"When every slice has finished, run `kdgen merge {url}`"
         )
         return url, job
-    _commit(job.fs, job.dataset_dir, job.manifest_core, cfg, url, time.perf_counter() - t0, work.gen_wall, work.gen_tokens)
+    _commit(job.fs, job.dataset_dir, job.manifest_core, cfg, url, num, time.perf_counter() - t0, work.gen_wall, work.gen_tokens)
     return url, job
 
 
-def _commit(fs, dataset_dir: str, core: dict, cfg: GenerateConfig, url: str, wall: float, gen_wall: float, gen_tokens: int) -> None:
+def _commit(fs, dataset_dir: str, core: dict, cfg: GenerateConfig, url: str, num_shards: int, wall: float, gen_wall: float, gen_tokens: int) -> None:
     """Every shard is written: commit the dataset under its lock, unless another process just did."""
     with _dataset_lock(fs, dataset_dir):
         manifest = fmt.read_manifest(fs, dataset_dir)
         committed_here = manifest is None
         if committed_here:
-            manifest = finalize(fs, dataset_dir, core, cfg, wall, gen_wall, gen_tokens)
+            manifest = finalize(fs, dataset_dir, core, cfg, wall, gen_wall, gen_tokens, num_shards)
     console.print(f"[green]done:[/] {_summary(manifest)} -> {url}" + ("" if committed_here else " (committed by another process)"))
 
 
@@ -564,11 +564,25 @@ def _dataset_lock(fs, dataset_dir: str) -> Iterator[FileLock]:
         lock.release()
 
 
-def finalize(fs, dataset_dir: str, core: dict, cfg: GenerateConfig | dict, wall: float, gen_wall: float, gen_tokens: int) -> dict:
-    """Collect shard entries, write the dataset card, then the manifest (last: the commit)."""
+def finalize(
+    fs, dataset_dir: str, core: dict, cfg: GenerateConfig | dict, wall: float, gen_wall: float, gen_tokens: int, num_shards: int | None = None
+) -> dict:
+    """Collect shard entries, write the dataset card, then the manifest (last: the commit).
+
+    `num_shards`: the plan's; shards of another numbering (an earlier plan of the same dataset, whose
+    manifest was deleted and rerun with another --shard-prompts) hold the same rows again, and are removed.
+    """
     from kdgen.card import write_card
 
     names = fmt.list_shards(fs, dataset_dir)
+    if num_shards is not None:
+        planned = {fmt.shard_name(i, num_shards) for i in range(num_shards)}
+        strays = [n for n in names if n not in planned]
+        if strays:
+            console.print(f"[yellow]note:[/] removing {len(strays)} shard(s) of an earlier plan of this dataset (their rows are in the new shards)")
+            for n in strays:
+                fs.rm(fmt.join(dataset_dir, fmt.DATA_DIR, n))
+        names = [n for n in names if n in planned]
     shards = [fmt.shard_entry_from_file(fs, dataset_dir, f"{fmt.DATA_DIR}/{n}") for n in names]
     rows = sum(s["rows"] for s in shards)
     tokens = sum(s["tokens"] for s in shards)
@@ -665,7 +679,7 @@ def merge(url: str, sources: list[str] = ()) -> dict:
         raise KdError(f"{url}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}...); finish the other slices first")
     core, cfg = plan["core"], plan["config"]
     with _dataset_lock(fs, path):
-        manifest = fmt.read_manifest(fs, path) or finalize(fs, path, core, cfg, 0.0, 0.0, 0)
+        manifest = fmt.read_manifest(fs, path) or finalize(fs, path, core, cfg, 0.0, 0.0, 0, plan["num_shards"])
     locks.remove_lock_dir(fs, path)
     return manifest
 

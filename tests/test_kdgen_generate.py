@@ -286,6 +286,20 @@ def test_resume_regenerates_a_damaged_shard(base, tmp_path):
     assert rows_of(str(ds_dir)) == base.rows
 
 
+def test_rerun_with_other_shard_prompts_after_a_deleted_manifest_keeps_one_numbering(base, tmp_path):
+    """The manifest of a finished dataset is deleted (its plan went with the commit) and the command is
+    rerun with another --shard-prompts: the new plan's shards are written and the old numbering's
+    shards are dropped, not committed beside them (the rows would be there twice)."""
+    ds = tmp_path / base.fingerprint
+    shutil.copytree(base.dir, ds)
+    (ds / "manifest.json").unlink()
+    gen.run(replace(base.cfg, out=str(tmp_path), shard_prompts=6))
+    assert sorted(p.name for p in (ds / "data").iterdir()) == [fmt.shard_name(0, 1)]
+    manifest = assert_valid(str(ds))
+    assert manifest["totals"]["rows"] == 12 and len(manifest["shards"]) == 1
+    assert sorted(r["id"] for r in rows_of(str(ds))) == sorted(r["id"] for r in base.rows)
+
+
 def test_slices_and_merge_equal_the_single_machine_run(base, tmp_path):
     a, b = tmp_path / "machine-a", tmp_path / "machine-b"
     url_a = gen.run(replace(base.cfg, out=str(a), shard_index=0, num_shards=2))
