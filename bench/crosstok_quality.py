@@ -52,7 +52,7 @@ def _prompts(src: Path, n: int, out: Path) -> Path:
 
 def teacher_datasets(args, work: Path) -> tuple[str, str]:
     from kdgen.generate import GenerateConfig, run
-    from kdgen.models import cache_dir
+    from kdcore.models import cache_dir
 
     if args.train_data and args.heldout_data:
         return args.train_data, args.heldout_data
@@ -70,7 +70,7 @@ def build_student(args, work: Path) -> str:
     """A tiny Llama with the Gemma 3 tokenizer, saved with it (tied embeddings)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from kdgen.models import resolve
+    from kdcore.models import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("gemma3-270m").path)
     torch.manual_seed(args.seed)
@@ -111,8 +111,8 @@ def evaluate(model_dir: str, heldout: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdeval.crosstok import crosstok_context, score_crosstok
-    from kdtrain.crosstok import load_teacher_tokenizer
-    from kdtrain.data import open_teacher_data
+    from kdcore.crosstok import load_teacher_tokenizer
+    from kdcore.teacher_data import open_teacher_data
 
     data = open_teacher_data([heldout])
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

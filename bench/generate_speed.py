@@ -40,7 +40,7 @@ from bench.common import machine, results_path, scratch, tiny_model, write_resul
 
 
 def load_prompts(tokenizer, n: int) -> list[list[int]]:
-    from kdgen.prompts import encode_prompt, load_prompts as read
+    from kdcore.prompts import encode_prompt, load_prompts as read
 
     prompts, _ = read(Path(__file__).resolve().parents[1] / "data" / "train.jsonl", limit=n)
     return [encode_prompt(p, tokenizer) for p in prompts]
@@ -50,9 +50,9 @@ def capture_overhead(model_path: str, prompt_ids: list[list[int]], max_new: int,
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kdgen import format as fmt
-    from kdgen.backends import Request, SamplingConfig, request_seed
-    from kdgen.backends.vllm_backend import VLLMBackend
+    from kdcore import format as fmt
+    from kdcore.backends import Request, SamplingConfig, request_seed
+    from kdcore.backends.vllm_backend import VLLMBackend
 
     backend = VLLMBackend(model_path, dtype="float32", k=k, max_model_len=max(len(p) for p in prompt_ids) + max_new + 8)
     llm = backend.llm
@@ -80,7 +80,7 @@ def capture_overhead(model_path: str, prompt_ids: list[list[int]], max_new: int,
 
     def kd():
         # kdgen's path, with ignore_eos for equal lengths (the one difference from production)
-        from kdgen.backends import vllm_backend
+        from kdcore.backends import vllm_backend
 
         params = [backend._params(cfg, r.seed, ignore_eos=True) for r in reqs]
         res = llm.generate(prompts, params, use_tqdm=False)
@@ -142,9 +142,9 @@ def _logprob_floor_ms(batch: int, vocab: int, k: int, repeats: int = 30) -> floa
 
 
 def hf_vs_vllm(model_path: str, prompt_ids: list[list[int]], max_new: int, k: int) -> dict:
-    from kdgen.backends import Request, SamplingConfig, request_seed
-    from kdgen.backends.hf_backend import HFBackend
-    from kdgen.backends.vllm_backend import VLLMBackend
+    from kdcore.backends import Request, SamplingConfig, request_seed
+    from kdcore.backends.hf_backend import HFBackend
+    from kdcore.backends.vllm_backend import VLLMBackend
 
     reqs = [Request(f"r{i}", p, request_seed(0, f"r{i}")) for i, p in enumerate(prompt_ids)]
     cfg = SamplingConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new, k=k)
@@ -179,7 +179,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from kdgen.models import resolve
+    from kdcore.models import resolve
 
     teacher_path = resolve("smollm2-135m-instruct").path
     tok = AutoTokenizer.from_pretrained(teacher_path)

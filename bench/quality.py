@@ -61,7 +61,7 @@ def _cli(tool: str, *args: str) -> str:
 
 
 def teacher_datasets(args) -> tuple[str, str]:
-    from kdgen.models import cache_dir
+    from kdcore.models import cache_dir
 
     root = str(cache_dir() / "bench" / "quality")
     common = ["--k", "64", "--backend", args.backend, "--seed", "0", "--out", root]
@@ -74,7 +74,7 @@ def teacher_datasets(args) -> tuple[str, str]:
 
 def untrained_student(train: str, out: Path) -> str:
     """The `none` arm: the same 6-layer cut of the teacher that every trained arm starts from."""
-    from kdgen import format as fmt
+    from kdcore import format as fmt
     from kdtrain.config import load_config
     from kdtrain.student import build_student
 

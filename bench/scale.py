@@ -211,7 +211,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from kdgen.models import resolve
+    from kdcore.models import resolve
 
     t0, load_start = time.perf_counter(), os.getloadavg()
     work = scratch("kd-scale-")

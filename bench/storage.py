@@ -8,7 +8,7 @@ the raw engine outputs stay in memory and are written in three layouts at k in {
   naive  — nested list<list<int32>> ids + list<list<float32>> log-probs, float32 token log-probs,
            pyarrow defaults (snappy);
   typed  — flat uint16 ids + float16 log-probs, float32 token log-probs, zstd;
-  kd-v1  — kdgen.format (uint16 ids; quantised delta-coded log-probs; token log-prob codes;
+  kd-v1  — kdcore.format (uint16 ids; quantised delta-coded log-probs; token log-prob codes;
            BYTE_STREAM_SPLIT + zstd).
 Every layout holds the same other columns (id, messages, prompt ids, text, finish reason).
 Target at k=20: kd-v1 <= 60 B/token with every stored log-prob within 1e-3 nats.
@@ -73,7 +73,7 @@ def typed(rows, k: int) -> tuple[int, float]:
 
 
 def kd_v1(rows, k: int, vocab: int) -> tuple[int, float, float]:
-    from kdgen import format as fmt
+    from kdcore import format as fmt
 
     cut = [
         fmt.Row(r.id, r.messages, r.prompt, r.prompt_ids, r.completion, r.completion_ids, r.token_logprobs,
@@ -89,11 +89,11 @@ def kd_v1(rows, k: int, vocab: int) -> tuple[int, float, float]:
 
 
 def generate_rows(n_prompts: int, max_new: int, kmax: int):
-    from kdgen import format as fmt
-    from kdgen.backends import Request, SamplingConfig, request_seed
-    from kdgen.backends.vllm_backend import VLLMBackend
-    from kdgen.prompts import encode_prompt, load_prompts
-    from kdgen.teacher import load_teacher
+    from kdcore import format as fmt
+    from kdcore.backends import Request, SamplingConfig, request_seed
+    from kdcore.backends.vllm_backend import VLLMBackend
+    from kdcore.prompts import encode_prompt, load_prompts
+    from kdcore.teacher import load_teacher
 
     teacher = load_teacher("smollm2-135m-instruct", "float32")
     prompts, _ = load_prompts(Path(__file__).resolve().parents[1] / "data" / "train.jsonl", limit=n_prompts)
@@ -125,7 +125,7 @@ def save_rows(path: Path, rows, vocab: int) -> None:
 
 
 def load_rows(path: Path):
-    from kdgen import format as fmt
+    from kdcore import format as fmt
 
     meta = json.loads(path.with_suffix(".json").read_text())
     arr = np.load(path.with_suffix(".npz"))
@@ -144,7 +144,7 @@ def codec_variants(rows, vocab: int, k: int = 20) -> dict:
     bytes/token of the whole shard and single-thread read+decode speed."""
     import time
 
-    from kdgen import format as fmt
+    from kdcore import format as fmt
 
     tokens = sum(len(r.completion_ids) for r in rows)
     cut = [fmt.Row(r.id, r.messages, r.prompt, r.prompt_ids, r.completion, r.completion_ids, r.token_logprobs,

@@ -64,9 +64,9 @@ DENSE_TEACHER = "smollm2-135m-instruct"
 def _write_dataset(root: Path, core: dict, rows: list, prompts: list, shard_rows: int, note: dict) -> str:
     """Commit `rows` as a teacher dataset under `root` with the format's own writer (`rows_to_table`,
     `write_shard`, `kdgen.generate.finalize`), `shard_rows` rows per shard. `prompts`
-    (`kdgen.prompts.Prompt`, one per prompt in row order) become the manifest's prompt set, so the
+    (`kdcore.prompts.Prompt`, one per prompt in row order) become the manifest's prompt set, so the
     dataset passes `kdgen verify` (kdtrain verifies what it opens)."""
-    from kdgen import format as fmt
+    from kdcore import format as fmt
     from kdgen.generate import finalize
 
     core = {**core, "prompts": {"source": note["source"], "count": len(prompts), "content_hash": fmt.sha256_hex("\n".join(p.content_hash for p in prompts))}}
@@ -97,10 +97,10 @@ def make_dataset(work: Path, n_rows: int, new_tokens: int, k: int) -> str:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from kdgen import format as fmt
+    from kdcore import format as fmt
     from kdgen.generate import GenerateConfig, run
-    from kdgen.models import resolve
-    from kdgen.prompts import Prompt
+    from kdcore.models import resolve
+    from kdcore.prompts import Prompt
 
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct").path)
     rows = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl").read_text().splitlines()[:4]]
@@ -140,8 +140,8 @@ def replicate_dataset(work: Path, source_url: str, min_tokens: int, shard_rows: 
     and derive from their prompts; every per-token array is the source's, re-encoded by the
     format's writer, `shard_rows` rows per shard (kdgen's default: 128 prompts per shard).
     """
-    from kdgen import format as fmt
-    from kdgen.prompts import Prompt
+    from kdcore import format as fmt
+    from kdcore.prompts import Prompt
 
     src = fmt.TeacherDataset(source_url)
     text = src.read_table(columns=["id", "messages", "prompt", "completion", "finish_reason"]).to_pylist()
@@ -175,7 +175,7 @@ def make_student(work: Path, hidden: int, layers: int) -> str:
 
     from transformers import AutoTokenizer
 
-    from kdgen.models import resolve
+    from kdcore.models import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct").path)
     path = tiny_model(tok, layers=layers, hidden=hidden)
@@ -197,7 +197,8 @@ def bench_reading(url: str, batch: int, reps: int) -> dict:
     import pyarrow as pa
     import torch
 
-    from kdtrain.data import KDCollator, logit_examples, open_teacher_data, to_hf_dataset
+    from kdcore.teacher_data import open_teacher_data
+    from kdtrain.data import KDCollator, logit_examples, to_hf_dataset
 
     torch.set_num_threads(1)
     pa.set_cpu_count(1)  # the reader already decodes with use_threads=False; this pins the rest of pyarrow
@@ -253,7 +254,8 @@ def arm(kind: str, url: str, student: str, out: str, batch: int, steps: int, war
     from transformers import TrainerCallback
 
     from kdtrain.config import load_config
-    from kdtrain.data import KDCollator, open_teacher_data, text_examples, to_hf_dataset
+    from kdcore.teacher_data import open_teacher_data
+    from kdtrain.data import KDCollator, text_examples, to_hf_dataset
     from kdtrain.student import from_spec
     from kdtrain.train import build_trainer, training_args
 
@@ -273,7 +275,7 @@ def arm(kind: str, url: str, student: str, out: str, batch: int, steps: int, war
             from transformers import AutoModelForCausalLM
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-            from kdgen.models import resolve
+            from kdcore.models import resolve
 
             teacher = AutoModelForCausalLM.from_pretrained(resolve(DENSE_TEACHER).path, dtype=torch.float32)
             args = training_args(cfg, GKDConfig, lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0)
@@ -348,7 +350,7 @@ def main() -> None:
     if args.arm:
         print(json.dumps(arm(args.arm, args.data, args.student, args.out, args.batch, args.steps, args.warmup)))
         return
-    from kdgen.format import TeacherDataset
+    from kdcore.format import TeacherDataset
 
     work = scratch("kd-train-speed-")
     t0 = time.perf_counter()

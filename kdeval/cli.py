@@ -18,7 +18,7 @@ from typing import List, Optional
 import typer
 
 from kdeval.config import CompareConfig, EvalConfig, LmEvalConfig
-from kdgen.errors import run_cli
+from kdcore.errors import run_cli
 
 app = typer.Typer(
     name="kdeval",

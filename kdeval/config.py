@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdgen.configs import doc_field as _f
-from kdgen.configs import field_help
-from kdgen.errors import collect
+from kdcore.config import doc_field as _f
+from kdcore.config import field_help
+from kdcore.errors import collect
 
 # Metric names a user can ask for with --metrics. Fidelity metrics need --data; quality metrics need
 # references; `cost` is parameters, bytes, speed and memory.
@@ -79,7 +79,7 @@ class LmEvalConfig(_Help):
 
 
 def validate_eval(cfg: EvalConfig) -> None:
-    from kdgen.backends import vllm_available  # not at import time: it reads pyarrow, and the CLI starts faster without
+    from kdcore.backends import vllm_available  # not at import time: it reads pyarrow, and the CLI starts faster without
 
     problems = []
     if not cfg.models and not cfg.teacher and not cfg.baselines:

@@ -4,7 +4,7 @@ Token-level KL, top-1 and perplexity need the student to predict the teacher's t
 with another tokenizer predicts its own. The cross-tokenizer design (`kdtrain.crosstok`, issue 4)
 gives the comparable units: the teacher's completion bytes are re-tokenised by the student, and
 both tokenisations are cut into **chunks** where both end a token at the same byte
-(`kdtrain.align`), so chunk c is the same text on both sides. Per held-out row, teacher-forcing
+(`kdcore.align`), so chunk c is the same text on both sides. Per held-out row, teacher-forcing
 the student on its own prompt encoding + its tokens of the teacher's completion:
 
 * **chunk NLL** (`chunk_nll`, nats per chunk) — -log p_student(chunk), the student's log-probs
@@ -12,13 +12,13 @@ the student on its own prompt encoding + its tokens of the teacher's completion:
   stored `token_logprobs` summed over its tokens of the chunk (the floor to compare with). Each
   side scores one tokenisation path of the text, as in training.
 * **chunk KL** (`chunk_kl`) — KL(teacher ‖ student) between the two-bucket distributions
-  {this chunk, anything else} (`kdtrain.losses.span_likelihood`, forward KL): 0 when the student
+  {this chunk, anything else} (`kdcore.divergences.span_likelihood`, forward KL): 0 when the student
   gives every chunk the teacher's probability.
 * **sparse KL at chunk starts** (`chunk_start_kl`) — at the first token of each chunk both models
   condition on the same text, so their next-token distributions compare: the teacher's top-k
-  mapped onto student ids by bytes (`kdtrain.vocab_map.VocabMap`, `prefix` matching as kdtrain's
+  mapped onto student ids by bytes (`kdcore.vocab_map.VocabMap`, `prefix` matching as kdtrain's
   default), colliding candidates summed, tail + unmapped mass in one residual bucket; KL over those
-  buckets (`kdtrain.losses.sparse_kd_per_token`, the same loss cross-tokenizer training uses).
+  buckets (`kdcore.divergences.sparse_kd_per_token`, the same loss cross-tokenizer training uses).
 * **top-1 at chunk starts** (`chunk_top1`) — student argmax = the student id the teacher's most
   likely token maps to; only at chunk starts where that token maps at all (`chunk_top1_positions`
   says how many), since an unmapped teacher top-1 has no student counterpart.
@@ -40,11 +40,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from kdtrain.crosstok import AlignedRow, CrossTok, chunk_teacher_logprobs, iter_aligned, mapped_targets
-from kdtrain.data import TeacherData
-from kdtrain.losses import SparseKD, sparse_kd_per_token, span_likelihood
+from kdcore.crosstok import AlignedRow, CrossTok, chunk_teacher_logprobs, iter_aligned, mapped_targets
+from kdcore.teacher_data import TeacherData
+from kdcore.divergences import sparse_kd_per_token, span_likelihood
+from kdeval.fidelity import FKL
 
-FKL = SparseKD(loss="fkl", tail="bucket", temperature=1.0)
 VOCAB_MATCH = "prefix"  # kdtrain's default: eval matches what cross-tokenizer training optimises
 
 

@@ -29,33 +29,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kdcore.divergences import LOGITS_BUDGET, SparseKD, sparse_kd_per_token
+
 ECE_BINS = 15
-LOGITS_BUDGET = 1 << 24  # float32 logits per forward chunk (64 MB): bounds memory on big vocabularies
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012)."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+FKL = SparseKD(loss="fkl", tail="bucket", temperature=1.0)  # what kdeval reports as "kl" (token and span level)
 
 
 def sparse_kl(teacher_topk: torch.Tensor, student_topk: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) over the teacher's top-k ids plus one tail bucket, per token.
+    """KL(teacher || student) over the teacher's top-k ids plus one tail bucket, per token: the
+    training loss's forward KL (`kdcore.divergences`, tails floored, so a student whose top-k holds
+    all of its mass in floating point gives a finite KL), in float64.
 
-    teacher_topk: [N, k] teacher log-probs (normalised over the full vocabulary)
+    teacher_topk: [N, k] teacher log-probs (normalised over the full vocabulary; -inf = dropped)
     student_topk: [N, k] student log-probs at the same ids (normalised over the full vocabulary)
     returns:      [N] float64 nats
     """
-    t = teacher_topk.double()
-    s = student_topk.double()
-    t_tail = _log1mexp(torch.logsumexp(t, -1))  # -inf when the top-k holds all the mass
-    s_tail = _log1mexp(torch.logsumexp(s, -1))
-    p = t.exp()
-    head = (p * (t - s)).sum(-1)
-    p_tail = t_tail.exp()
-    # 0 * log(0 / q) = 0: a teacher with no tail mass contributes nothing there
-    tail = torch.where(p_tail > 0, p_tail * (t_tail - s_tail), torch.zeros_like(p_tail))
-    return head + tail
+    return sparse_kd_per_token(student_topk.double(), teacher_topk.double(), FKL)
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -115,10 +104,14 @@ def token_measures(student_logp: torch.Tensor, completion_ids: torch.Tensor, top
     completion_ids: [N] the teacher's tokens; topk_ids: [N, k]; topk_logprobs: [N, k]
     returns dict of [N] numpy arrays: kl, top1, confidence, correct, nll
     """
-    s_topk = student_logp.gather(-1, topk_ids)
+    # teacher ids beyond the student's rows (a padded teacher vocabulary) are dropped into the tail
+    # bucket, the rule training follows (`kdtrain.data.logit_examples`)
+    beyond = topk_ids >= student_logp.shape[-1]
+    s_topk = student_logp.gather(-1, topk_ids.masked_fill(beyond, 0))
+    t_topk = topk_logprobs.masked_fill(beyond, float("-inf"))
     best_lp, best = student_logp.max(-1)
     return {
-        "kl": sparse_kl(topk_logprobs, s_topk).numpy(),
+        "kl": sparse_kl(t_topk, s_topk).numpy(),
         "top1": (best == topk_ids[:, 0]).numpy(),
         "confidence": best_lp.double().exp().numpy(),
         "correct": (best == completion_ids).numpy(),
@@ -143,7 +136,7 @@ def _row_chunks(lengths: list[int], vocab: int, batch_rows: int) -> list[list[in
 
 @torch.no_grad()
 def score_model(model, dataset, batch_rows: int = 8, limit: int | None = None, token_bytes: np.ndarray | None = None) -> dict:
-    """Teacher-force `model` on every row of `dataset` (a `kdgen.format.TeacherDataset`).
+    """Teacher-force `model` on every row of `dataset` (a `kdcore.format.TeacherDataset`).
 
     Rows are right-padded (positions start at 0 in every row, so causal attention needs no shift).
     token_bytes: [V] bytes each token id stands for (0 for special tokens), for NLL per byte.

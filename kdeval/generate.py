@@ -31,9 +31,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from kdgen.backends import Request, SamplingConfig, request_seed
-from kdgen.errors import KdError
-from kdgen.format import sha256_hex
+from kdcore.backends import Request, SamplingConfig, request_seed
+from kdcore.errors import KdError
+from kdcore.format import sha256_hex
 
 
 @dataclass
@@ -157,13 +157,13 @@ def generate(
     `kdeval run` calls it for vLLM only inside the worker (`generate_in_worker`)."""
     with MemoryMeter() as meter:
         if backend == "vllm":
-            from kdgen.backends.vllm_backend import VLLMBackend
+            from kdcore.backends.vllm_backend import VLLMBackend
 
             longest = max(len(r.prompt_ids) for r in requests) + sampling.max_new_tokens + 8
             engine = VLLMBackend(model_path, dtype=dtype, k=sampling.k, max_model_len=longest)
             hf_model = None
         else:
-            from kdgen.backends.hf_backend import HFBackend
+            from kdcore.backends.hf_backend import HFBackend
 
             hf_model = load_model()
             engine = HFBackend(model_path, dtype=dtype, batch_size=batch_size, model=hf_model)

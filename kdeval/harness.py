@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from kdeval.config import LmEvalConfig, validate_lm_eval
-from kdgen.errors import KdError
-from kdgen.progress import console
+from kdcore.errors import KdError
+from kdcore.progress import console
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TASK = REPO / "data" / "lm_eval" / "kd_tiny_task.yaml"
@@ -70,7 +70,7 @@ def run(cfg: LmEvalConfig) -> str:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise KdError("lm-evaluation-harness is not installed: install the `eval` extra (`pip install -e '.[eval]'`, or `pip install lm-eval==0.4.13`)") from None
-    from kdgen.models import resolve
+    from kdcore.models import resolve
 
     try:
         model = resolve(cfg.model)

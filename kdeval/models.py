@@ -1,6 +1,6 @@
 """The models of one `kdeval run`: resolve specs, match tokenizers to the dataset, measure size.
 
-A spec is whatever `kdgen.models.resolve` takes (checkpoint directory, .gguf file, built-in name),
+A spec is whatever `kdcore.models.resolve` takes (checkpoint directory, .gguf file, built-in name),
 optionally prefixed `NAME=` to name it in the report. Weights are loaded one model at a time
 (`load_weights`), so a run holds at most one model in memory.
 
@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdgen.errors import KdError
-from kdgen.models import ResolvedModel, resolve
+from kdcore.errors import KdError
+from kdcore.models import ResolvedModel, resolve
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
@@ -81,7 +81,7 @@ def prepare(spec: str, role: str, flag: str) -> EvalModel:
         raise KdError(f"{flag} {spec}: {e}") from None
     from transformers import AutoConfig, AutoTokenizer  # after resolve: a bad path fails without the import
 
-    from kdgen.teacher import tokenizer_identity
+    from kdcore.teacher import tokenizer_identity
 
     try:
         config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=False)

@@ -14,7 +14,7 @@ import functools
 import json
 from pathlib import Path
 
-from kdgen.errors import KdError
+from kdcore.errors import KdError
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 REFERENCE_COLUMNS = ("reference", "completion", "output", "answer", "target", "text")
@@ -52,10 +52,10 @@ def load_references(path: str, column: str | None = None) -> list[str]:
             raise KdError(f"--reference-column does not apply to a .txt file ({flag} holds one reference per line)")
         refs = [line.replace("\\n", "\n") for line in lines if line.strip()]
     else:
-        from kdgen.prompts import _read_records
+        from kdcore.prompts import read_records
 
         try:
-            records = _read_records(p, "train")
+            records = read_records(p, "train")
         except KdError as e:
             raise KdError(str(e).replace("--prompts", "--references")) from None
         if not records:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import kdeval
 from kdeval.config import CompareConfig, validate_compare
-from kdgen.errors import KdError
-from kdgen.format import now_iso
+from kdcore.errors import KdError
+from kdcore.format import now_iso
 
 # (key, header, where it lives, higher is better, format)
 COLUMNS = [

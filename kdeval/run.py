@@ -25,11 +25,11 @@ from kdeval import quality
 from kdeval.config import CHUNK_MEASURES, FIDELITY_METRICS, METRICS, QUALITY_METRICS, TOKEN_MEASURES, EvalConfig, validate_eval
 from kdeval.models import EvalModel, count_parameters, load_weights, prepare, size_on_disk, unique_names
 from kdeval.report import write_json, write_report
-from kdgen.backends import SamplingConfig, default_backend, engine_version
-from kdgen.errors import KdError
-from kdgen.format import TeacherDataset, canonical_json, now_iso, sha256_hex
-from kdgen.progress import console, status
-from kdgen.prompts import Prompt, chat_template_of, encode_prompt, load_prompts
+from kdcore.backends import SamplingConfig, default_backend, engine_version
+from kdcore.errors import KdError
+from kdcore.format import TeacherDataset, canonical_json, now_iso, sha256_hex
+from kdcore.progress import console, status
+from kdcore.prompts import Prompt, chat_template_of, encode_prompt, load_prompts
 
 RESULTS = "results.json"
 
@@ -52,7 +52,7 @@ def open_dataset(cfg: EvalConfig) -> TeacherDataset | None:
     if not cfg.data:
         return None
     if cfg.verify:
-        from kdgen.verify import require_valid
+        from kdcore.verify import require_valid
 
         try:
             require_valid(cfg.data)
@@ -86,8 +86,8 @@ def teacher_tokenizer(cfg: EvalConfig, ds: TeacherDataset, models: list[EvalMode
     """The dataset's tokenizer, for the chunk-level fidelity of models with another one: a model of
     this run that has it, else the teacher recorded in the manifest (its path, or its built-in name),
     checked against the dataset's tokenizer hash."""
-    from kdgen.models import BUILTINS
-    from kdtrain.crosstok import load_teacher_tokenizer
+    from kdcore.models import BUILTINS
+    from kdcore.crosstok import load_teacher_tokenizer
 
     for m in models:
         if m.matches_dataset:
@@ -171,7 +171,7 @@ def model_prompt_ids(p: Prompt, tokenizer) -> list[int]:
     one (base-model tokenizers, as cross-tokenizer students often have), the turns as plain
     paragraphs — the form kdtrain trains such students on (kdtrain.data.encode_prompts)."""
     if p.messages is not None and chat_template_of(tokenizer) is None:
-        from kdtrain.data import encode_prompts
+        from kdcore.teacher_data import encode_prompts
 
         return encode_prompts(tokenizer, [(p.messages, None)])[0]
     return encode_prompt(p, tokenizer)
@@ -226,7 +226,7 @@ def score_fidelity(m: EvalModel, hf_model, cfg: EvalConfig, ds: TeacherDataset, 
     """Token-level fidelity for a model with the dataset's tokenizer, chunk-level for one with another.
     Returns the entry's "metrics" (the measures asked for), "fidelity" (what was measured on what)
     and "fidelity_note" (for the report)."""
-    from kdtrain.vocab_map import TokenBytes
+    from kdcore.vocab_map import TokenBytes
 
     wanted = metrics_of(cfg)
     if m.matches_dataset:
@@ -239,7 +239,7 @@ def score_fidelity(m: EvalModel, hf_model, cfg: EvalConfig, ds: TeacherDataset, 
         metrics.update({k: got.get(k) for k in sorted(keep)})
         return {"metrics": metrics, "fidelity": {"kind": "token", "tokens": got["tokens"]}, "fidelity_note": None}
     from kdeval.crosstok import VOCAB_MATCH, crosstok_context, score_crosstok
-    from kdtrain.data import TeacherData
+    from kdcore.teacher_data import TeacherData
 
     with status(f"{m.name}: aligning its tokenizer with the teacher's ({len(teacher_tok):,} -> {len(m.tokenizer):,} entries)"):
         ctx = crosstok_context(teacher_tok, m.tokenizer, ds.manifest)
@@ -327,7 +327,7 @@ def run(cfg: EvalConfig) -> str:
             "max_new_tokens": sampling.max_new_tokens,
             "dtype": cfg.dtype,
             "seed": cfg.seed,
-            "seed_rule": "per prompt: kdgen.backends.request_seed(seed, prompt content hash)",
+            "seed_rule": "per prompt: kdcore.backends.request_seed(seed, prompt content hash)",
         },
         "models": [{k: v for k, v in e.items() if k != "outputs"} for e in entries],
         "samples": [

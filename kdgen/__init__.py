@@ -1,7 +1,10 @@
 """kdgen: write teacher datasets (completions + top-k log-probs) for offline distillation.
 
-`kdgen.format` owns the dataset format; `kdgen.models` resolves model specs for all three CLIs.
-Importing kdgen never imports vLLM (only `kdgen.backends.vllm_backend` does).
+    kdgen generate --prompts data/train.jsonl --out runs/teacher
+
+The format, its reader and the inference backends live in `kdcore`; kdgen owns the runs that
+write datasets (`generate`, `score`), the shard-claim `locks`, the `store` (copy, push, pull, row
+reuse) and the `cli`. Importing kdgen never imports vLLM.
 """
 
 __version__ = "0.1.0"

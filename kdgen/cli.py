@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from kdgen.errors import run_cli
+from kdcore.errors import run_cli
 from kdgen.generate import GenerateConfig
 
 app = typer.Typer(
@@ -90,8 +90,8 @@ def ls(root: str = typer.Argument(..., help="Directory or URL holding teacher da
     """List the complete datasets under ROOT."""
     from rich.table import Table
 
-    from kdgen.format import list_datasets
-    from kdgen.progress import console
+    from kdcore.format import list_datasets
+    from kdcore.progress import console
 
     found = list_datasets(root)
     if as_json:
@@ -137,7 +137,7 @@ def _size(n: int) -> str:
 @app.command()
 def info(dataset: str = typer.Argument(..., help="Dataset directory or URL (ROOT/<fingerprint>)."), as_json: bool = typer.Option(False, "--json")):
     """Teacher, prompts, rows, tokens, bytes/token, k and fingerprint of a dataset."""
-    from kdgen.format import TeacherDataset
+    from kdcore.format import TeacherDataset
 
     m = TeacherDataset(dataset).manifest
     if as_json:
@@ -164,8 +164,8 @@ def info(dataset: str = typer.Argument(..., help="Dataset directory or URL (ROOT
 @app.command()
 def verify(dataset: str = typer.Argument(..., help="Dataset directory or URL."), quick: bool = typer.Option(False, help="Checksums only; skip the row invariants.")):
     """Check checksums and the format's invariants; exit 1 naming each problem."""
-    from kdgen.progress import console
-    from kdgen.verify import verify as run_verify
+    from kdcore.progress import console
+    from kdcore.verify import verify as run_verify
 
     manifest, problems = run_verify(dataset, deep=not quick)
     if problems:
@@ -183,14 +183,14 @@ def merge(
     """Commit a dataset written by several machines: gather shards, check them, write the manifest."""
     from kdgen.generate import _summary
     from kdgen.generate import merge as run_merge
-    from kdgen.progress import console
+    from kdcore.progress import console
 
     m = run_merge(dataset, sources or [])
     console.print(f"[green]merged:[/] {_summary(m)} -> {dataset}")
 
 
 def _copy(src: str, dest: str) -> None:
-    from kdgen.progress import console
+    from kdcore.progress import console
     from kdgen.store import copy_dataset
 
     def say(rel: str, what: str) -> None:

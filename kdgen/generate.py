@@ -37,18 +37,18 @@ from typing import Iterator
 import pyarrow as pa
 
 import kdgen
-from kdgen import format as fmt
+from kdcore import format as fmt
 from kdgen import locks
-from kdgen.backends import Request, SamplingConfig, default_backend, engine_version, make_backend, request_seed, vllm_available
-from kdgen.configs import doc_field as _f
-from kdgen.configs import field_help
-from kdgen.errors import KdError, collect
-from kdgen.progress import RowProgress, console, status
-from kdgen.prompts import Prompt, encode_prompt, load_prompts
+from kdcore.backends import Request, SamplingConfig, default_backend, engine_version, make_backend, request_seed, vllm_available
+from kdcore.config import doc_field as _f
+from kdcore.config import field_help
+from kdcore.errors import KdError, collect
+from kdcore.progress import RowProgress, console, status
+from kdcore.prompts import Prompt, encode_prompt, load_prompts
 from kdgen.locks import FileLock, lock_path
-from kdgen.models import ResolvedModel, resolve
+from kdcore.models import ResolvedModel, resolve
 from kdgen.store import RowReuse
-from kdgen.teacher import Teacher, load_teacher, remembered_identity
+from kdcore.teacher import Teacher, load_teacher, remembered_identity
 
 PLAN = ".kdgen-plan.json"
 WAIT_POLL_S = 1.0  # how often a process waiting for another's shards or lock looks again
@@ -572,7 +572,7 @@ def finalize(
     `num_shards`: the plan's; shards of another numbering (an earlier plan of the same dataset, whose
     manifest was deleted and rerun with another --shard-prompts) hold the same rows again, and are removed.
     """
-    from kdgen.card import write_card
+    from kdcore.card import write_card
 
     names = fmt.list_shards(fs, dataset_dir)
     if num_shards is not None:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdgen import format as fmt
-from kdgen.errors import KdError
+from kdcore import format as fmt
+from kdcore.errors import KdError
 from kdgen.locks import FileLock, lock_path, remove_lock_dir
 
 CHUNK = 8 << 20  # copy buffer: bounded memory whatever the shard size
@@ -132,7 +132,7 @@ def copy_dataset(src: str, dest: str, on_shard=None) -> CopyReport:
 
 def _settings(manifest: dict) -> dict:
     """Everything in the fingerprint except the prompt set."""
-    return {name: fmt._dig(manifest, name) for name in fmt.FINGERPRINT_FIELDS if not name.startswith("prompts.")}
+    return {name: fmt.dig(manifest, name) for name in fmt.FINGERPRINT_FIELDS if not name.startswith("prompts.")}
 
 
 class RowReuse:
@@ -147,7 +147,7 @@ class RowReuse:
         self.index: dict[str, tuple[str, dict, dict]] = {}  # id -> (dataset dir, manifest, shard entry)
         self.sources: list[str] = []
         want = _settings(core)
-        for d in fmt._dataset_dirs(fs, root):
+        for d in fmt.dataset_dirs(fs, root):
             if posixpath.basename(d) == exclude:
                 continue
             try:

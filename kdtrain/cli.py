@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import typer
 
-from kdgen.errors import KdError, run_cli
+from kdcore.errors import KdError, run_cli
 from kdtrain.config import FIELD_TYPES, RECIPES, TrainConfig, load_config
 
 app = typer.Typer(
@@ -94,7 +94,7 @@ def map_report(
 ) -> None:
     """How well a teacher dataset maps onto a student's tokenizer (cross-tokenizer KD), before training."""
     from kdtrain.map_report import run_report
-    from kdtrain.vocab_map import VOCAB_MATCH
+    from kdcore.vocab_map import VOCAB_MATCH
 
     if vocab_match not in VOCAB_MATCH:
         raise KdError(f"--vocab-match {vocab_match}: choose {' or '.join(VOCAB_MATCH)}")

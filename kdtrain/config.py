@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 
-from kdgen.configs import doc_field as _f
-from kdgen.errors import ConfigError, KdError, collect
-from kdtrain.losses import DIVERGENCES, TAILS, SparseKD
-from kdtrain.vocab_map import VOCAB_MATCH
+from kdcore.config import doc_field as _f
+from kdcore.errors import ConfigError, KdError, collect
+from kdcore.divergences import DIVERGENCES, TAILS, SparseKD
+from kdcore.vocab_map import VOCAB_MATCH
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 MODES = ("logit", "text")

@@ -1,6 +1,6 @@
 """Teacher datasets -> tokenised training examples, and the collator that pads teacher arrays.
 
-Reads datasets only through `kdgen.format.TeacherDataset` (the format's one reader).
+Reads datasets only through `kdcore.format.TeacherDataset` (the format's one reader).
 
 An example is one teacher row. `Prepared` keeps all examples as flat numpy arrays (one copy,
 no per-row Python objects):
@@ -32,81 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kdgen.errors import KdError
-from kdgen.format import TeacherDataset
-from kdgen.verify import require_valid
-from kdgen.teacher import tokenizer_identity
-
-
-# ----------------------------------------------------------------------------------------------
-# Opening and checking the datasets
-
-
-@dataclass
-class TeacherData:
-    """One or more teacher datasets of the same teacher, tokenizer and k."""
-
-    datasets: list[TeacherDataset]
-
-    @property
-    def manifest(self) -> dict:
-        return self.datasets[0].manifest
-
-    @property
-    def k(self) -> int:
-        return self.datasets[0].k
-
-    @property
-    def num_rows(self) -> int:
-        return sum(d.num_rows for d in self.datasets)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(d.num_tokens for d in self.datasets)
-
-    def describe(self) -> list[dict]:
-        """What kd_config.json records about each dataset."""
-        return [
-            {
-                "url": d.url,
-                "fingerprint": d.fingerprint,
-                "teacher": d.manifest["teacher"]["source"],
-                "teacher_weights_hash": d.manifest["teacher"]["weights_hash"],
-                "tokenizer_hash": d.manifest["tokenizer"]["tokenizer_hash"],
-                "k": d.k,
-                "rows": d.num_rows,
-                "tokens": d.num_tokens,
-            }
-            for d in self.datasets
-        ]
-
-
-def open_teacher_data(urls: list[str]) -> TeacherData:
-    """Open, verify (checksums) and cross-check the datasets; KdError on the first problem."""
-    opened = []
-    for url in urls:
-        ds = TeacherDataset(url)
-        require_valid(ds.url)
-        if ds.num_rows == 0 or ds.num_tokens == 0:
-            raise KdError(f"--data {url}: the dataset is empty ({ds.num_rows} rows, {ds.num_tokens} tokens); nothing to train on")
-        opened.append(ds)
-    first = opened[0]
-    for ds in opened[1:]:
-        for what, key in (("teacher", ("teacher", "weights_hash")), ("tokenizer", ("tokenizer", "tokenizer_hash"))):
-            a, b = first.manifest[key[0]][key[1]], ds.manifest[key[0]][key[1]]
-            if a != b:
-                raise KdError(
-                    f"--data {ds.url} has a different {what} ({ds.manifest['teacher']['source']}, {b[:12]}) than "
-                    f"--data {first.url} ({first.manifest['teacher']['source']}, {a[:12]}); train on one teacher's datasets at a time"
-                )
-        if ds.k != first.k:
-            raise KdError(f"--data {ds.url} has k={ds.k} but --data {first.url} has k={first.k}; mixed datasets must share k")
-    return TeacherData(opened)
-
-
-def same_tokenizer(manifest: dict, tokenizer, embedding_rows: int) -> bool:
-    """Whether the student's tokenizer is the teacher's (by tokenizer hash; embedding rows may differ)."""
-    return tokenizer_identity(tokenizer, embedding_rows)["tokenizer_hash"] == manifest["tokenizer"]["tokenizer_hash"]
+from kdcore.errors import KdError
+from kdcore.teacher_data import TeacherData, encode_prompts, encode_texts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,13 +78,13 @@ class Prepared:
         return out
 
 
-def _offsets(lengths) -> np.ndarray:
+def lengths_to_offsets(lengths) -> np.ndarray:
     off = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=off[1:])
     return off
 
 
-def _overflow(where: str, n: int, longest: int, max_length: int) -> KdError:
+def overflow_error(where: str, n: int, longest: int, max_length: int) -> KdError:
     return KdError(
         f"{n} {where} longer than --max-length {max_length} tokens (longest {longest}); "
         f"raise --max-length (up to the student's context), or pass --overflow truncate to cut them"
@@ -200,7 +127,7 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
             keep_t = np.minimum(t_len, np.maximum(max_length - p_len, 0))
             too_long = p_len + t_len > max_length
             if too_long.any() and overflow == "refuse":
-                raise _overflow("rows are", int(too_long.sum()), int((p_len + t_len).max()), max_length)
+                raise overflow_error("rows are", int(too_long.sum()), int((p_len + t_len).max()), max_length)
             # rows holding ids the student has no embedding for (sampled from padded teacher rows)
             comp, prompts = b.completion_ids[:n_tok], b.prompt_values[:n_prompt]
             beyond = _rows_with(comp, b.offsets[: rows + 1], student_rows) | _rows_with(prompts, b.prompt_offsets[: rows + 1], student_rows)
@@ -236,12 +163,12 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
             break
     if parts["start"]:
         out.seq_ids = np.concatenate(parts["seqs"]).astype(np.int32)
-        out.seq_offsets = _offsets(np.concatenate(parts["seq_len"]))
+        out.seq_offsets = lengths_to_offsets(np.concatenate(parts["seq_len"]))
         out.completion_start = np.concatenate(parts["start"])
-        out.tok_offsets = _offsets(np.concatenate(parts["t_len"]))
+        out.tok_offsets = lengths_to_offsets(np.concatenate(parts["t_len"]))
         out.topk_ids = np.concatenate(parts["ids"]).reshape(-1, k)
         out.topk_logprobs = np.concatenate(parts["lps"]).reshape(-1, k)
-    return _finish(out, max_length)
+    return finish_notes(out, max_length)
 
 
 def text_examples(data: TeacherData, tokenizer, same: bool, max_length: int, overflow: str, limit: int | None = None) -> Prepared:
@@ -266,7 +193,7 @@ def text_examples(data: TeacherData, tokenizer, same: bool, max_length: int, ove
                 table = table.slice(0, limit - len(seqs))
             rows = table.to_pylist()
             prompts = encode_prompts(tokenizer, [(r["messages"], r["prompt"]) for r in rows])
-            completions = _encode(tokenizer, [r["completion"] for r in rows])
+            completions = encode_texts(tokenizer, [r["completion"] for r in rows])
             for row, p, c in zip(rows, prompts, completions):
                 if row["finish_reason"] == "stop" and tokenizer.eos_token_id is not None:
                     c = c + [tokenizer.eos_token_id]
@@ -280,37 +207,19 @@ def text_examples(data: TeacherData, tokenizer, same: bool, max_length: int, ove
     lengths = np.asarray([len(s) for s in seqs], np.int64)
     too_long = lengths > max_length
     if too_long.any() and overflow == "refuse":
-        raise _overflow("rows are", int(too_long.sum()), int(lengths.max()), max_length)
+        raise overflow_error("rows are", int(too_long.sum()), int(lengths.max()), max_length)
     keep = [i for i in range(len(seqs)) if starts[i] < max_length and len(seqs[i]) > starts[i]]
     out.truncated = int(sum(1 for i in keep if too_long[i]))
     out.dropped = len(seqs) - len(keep)
     kept = [seqs[i][:max_length] for i in keep]
     if kept:
         out.seq_ids = np.concatenate(kept).astype(np.int32)
-        out.seq_offsets = _offsets([len(x) for x in kept])
+        out.seq_offsets = lengths_to_offsets([len(x) for x in kept])
         out.completion_start = np.asarray([starts[i] for i in keep], np.int64)
-    return _finish(out, max_length)
+    return finish_notes(out, max_length)
 
 
-def _prompt_text(tokenizer, messages: list[dict] | None, prompt: str | None) -> str:
-    if not messages:
-        return prompt or ""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages) + "\n\n"  # no chat template: the turns as plain paragraphs
-
-
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, in one batched call (a fast tokenizer encodes them in parallel)."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-
-def encode_prompts(tokenizer, prompts: list[tuple[list[dict] | None, str | None]]) -> list[list[int]]:
-    """The student's ids of each (messages, prompt): its chat template for chats, plain prompts raw."""
-    return _encode(tokenizer, [_prompt_text(tokenizer, m, p) for m, p in prompts])
-
-
-def _finish(out: Prepared, max_length: int) -> Prepared:
+def finish_notes(out: Prepared, max_length: int) -> Prepared:
     if out.truncated:
         out.notes.append(f"{out.truncated} row(s) longer than --max-length {max_length} were truncated (their completion ends early)")
     if out.dropped:

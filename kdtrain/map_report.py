@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdgen.errors import KdError
-from kdtrain.vocab_map import EXACT, NONE, PREFIX, TokenBytes
+from kdcore.errors import KdError
+from kdcore.vocab_map import EXACT, NONE, PREFIX, TokenBytes
 
 CLASSES = ("word", "whitespace", "digits", "punctuation", "code", "non_ascii", "special")
 _CODE = set(b"{}[]()<>=;_\\|&^%$#@~`*/+")
@@ -64,7 +64,7 @@ def vocab_classes(tb: TokenBytes, rows: int) -> np.ndarray:
 
 def measure(data, ctx, limit: int | None = None) -> dict:
     """The report's numbers over the first `limit` rows (all by default)."""
-    from kdtrain.crosstok import iter_aligned
+    from kdcore.crosstok import iter_aligned
 
     vm = ctx.vmap
     n_ids = len(vm.student_id)
@@ -158,16 +158,17 @@ def run_report(data_url: str, student: str, teacher: str | None, out: str, limit
     """Load both tokenizers, measure, print the table, write the JSON; returns the report."""
     from rich.console import Console
 
-    from kdgen.models import resolve
-    from kdtrain.crosstok import CrossTok, load_teacher_tokenizer
-    from kdtrain.data import open_teacher_data
-    from kdtrain.student import _load_tokenizer, teacher_spec
+    from kdcore.models import resolve
+    from kdcore.crosstok import CrossTok, load_teacher_tokenizer
+    from kdcore.teacher_data import open_teacher_data
+    from kdcore.models import load_tokenizer
+    from kdtrain.student import teacher_spec
     from kdtrain.config import TrainConfig
 
     data = open_teacher_data([data_url])
     spec = teacher_spec(TrainConfig(teacher=teacher), data.manifest)
     teacher_tok = load_teacher_tokenizer(spec, data.manifest)
-    student_tok = _load_tokenizer(resolve(student).path)
+    student_tok = load_tokenizer(resolve(student).path)
     ctx = CrossTok.build(teacher_tok, student_tok, vocab_match, data.manifest["tokenizer"].get("embedding_rows"))
     t0 = time.perf_counter()
     report = {

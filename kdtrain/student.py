@@ -1,6 +1,6 @@
 """Build the student: from a model spec, from a fresh config, or from layers of the teacher.
 
-* `--student SPEC`: any model spec `kdgen.models.resolve` takes (built-in name, .gguf, HF dir).
+* `--student SPEC`: any model spec `kdcore.models.resolve` takes (built-in name, .gguf, HF dir).
 * `--student-config PATH`: a config.json (or a directory holding one), randomly initialised
   (seed --seed); the tokenizer comes from that directory if it has one, else from the teacher.
 * `--init-from-teacher 0,4,8`: the teacher's embeddings, final norm, LM head and the chosen
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from kdgen.errors import KdError
-from kdgen.models import resolve
+from kdcore.errors import KdError
+from kdcore.models import load_tokenizer, resolve
 from kdtrain.config import TrainConfig, parse_layers
 
 
@@ -59,15 +59,6 @@ def teacher_spec(cfg: TrainConfig, manifest: dict) -> str:
     )
 
 
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for a bad directory
-        raise KdError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {e})") from None
-
-
 def _load_model(spec: str):
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +67,7 @@ def _load_model(spec: str):
         model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32, trust_remote_code=False)
     except Exception as e:
         raise KdError(f"model {spec!r}: cannot load it from {resolved.path} ({type(e).__name__}: {e})") from None
-    return model, _load_tokenizer(resolved.path), resolved.identity()
+    return model, load_tokenizer(resolved.path), resolved.identity()
 
 
 def from_spec(spec: str) -> Student:
@@ -100,7 +91,7 @@ def from_config(path: str, tokenizer_source: str, seed: int) -> Student:
     tok_dir = p if p.is_dir() and any(p.glob("tokenizer*")) else Path(resolve(tokenizer_source).path)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return Student(model, _load_tokenizer(str(tok_dir)), {"kind": "config", "config": str(file), "tokenizer": str(tok_dir), "seed": seed})
+    return Student(model, load_tokenizer(str(tok_dir)), {"kind": "config", "config": str(file), "tokenizer": str(tok_dir), "seed": seed})
 
 
 def from_teacher_layers(teacher: str, layers: list[int]) -> Student:

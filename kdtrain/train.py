@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from kdgen.errors import KdError, collect
-from kdgen.progress import console, quiet
+from kdcore.errors import KdError, collect
+from kdcore.progress import console, quiet
 from kdtrain import __version__
 from kdtrain.config import TrainConfig, validate
-from kdtrain.data import KDCollator, TeacherData, logit_examples, open_teacher_data, same_tokenizer, text_examples, to_hf_dataset
-from kdtrain.crosstok import CrossKDCollator, CrossTok, crosstok_examples, load_teacher_tokenizer
+from kdcore.crosstok import CrossTok, load_teacher_tokenizer
+from kdcore.teacher_data import TeacherData, open_teacher_data, same_tokenizer
+from kdtrain.crosstok import CrossKDCollator, crosstok_examples
+from kdtrain.data import KDCollator, logit_examples, text_examples, to_hf_dataset
 from kdtrain.student import Student, build_student, teacher_spec
 from kdtrain.trainer import KD_CONFIG, KDLoss, KDTrainer, write_kd_config
 

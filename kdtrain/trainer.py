@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from trl import SFTTrainer
 
-from kdtrain.losses import SparseKD, fused_kd_losses
+from kdcore.divergences import SparseKD
+from kdtrain.losses import fused_kd_losses
 
 KD_CONFIG = "kd_config.json"
 

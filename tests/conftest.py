@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
-    from kdgen.models import resolve
+    from kdcore.models import resolve
 
     return resolve("smollm2-135m-instruct").path
 

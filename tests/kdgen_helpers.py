@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdgen import format as fmt
+from kdcore import format as fmt
 from kdgen.generate import GenerateConfig
-from kdgen.verify import check_table, verify
+from kdcore.verify import check_table, verify
 
 KDGEN = str(Path(sys.executable).parent / "kdgen")  # the console script of this virtualenv
 # Tiny models run on one thread: their ops are too small to share, and on a busy 2-core machine a

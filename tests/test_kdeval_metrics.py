@@ -12,7 +12,7 @@ import torch
 
 from kdeval.fidelity import expected_calibration_error, sparse_kl, token_measures
 from kdeval.quality import load_metric, load_references, quality_scores
-from kdgen.errors import KdError
+from kdcore.errors import KdError
 
 PREDICTIONS = [
     "The cat sat on the mat.",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import kdgen.generate as gen
-from kdgen import format as fmt
+from kdcore import format as fmt
 from kdgen import locks
 from kdgen.locks import FileLock
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import kdgen.generate as gen
-from kdgen import format as fmt
-from kdgen.errors import KdError
+from kdcore import format as fmt
+from kdcore.errors import KdError
 from kdgen.store import RowReuse, copy_dataset
-from kdgen.verify import verify
+from kdcore.verify import verify
 from kdgen_helpers import CHAT_ROWS, one_torch_thread, write_jsonl  # noqa: F401
 from kdgen_store_helpers import small_config
 

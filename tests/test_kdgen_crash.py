@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kdgen import format as fmt
+from kdcore import format as fmt
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401
 from kdgen_store_helpers import KDGEN, KDTRAIN, child_env, cli, cli_args, small_config
 

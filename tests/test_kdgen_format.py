@@ -1,4 +1,4 @@
-"""The teacher-dataset format (kdgen.format): log-prob encoding, rows -> Parquet -> reader, the
+"""The teacher-dataset format (kdcore.format): log-prob encoding, rows -> Parquet -> reader, the
 fingerprint, and the invariant checker the other tests rely on. No model needed: runs in seconds.
 
     .venv/bin/python -m pytest -q tests/test_kdgen_format.py
@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdgen import format as fmt
-from kdgen.errors import KdError
+from kdcore import format as fmt
+from kdcore.errors import KdError
 from kdgen.generate import finalize
-from kdgen.prompts import Prompt
-from kdgen.verify import check_table, verify
+from kdcore.prompts import Prompt
+from kdcore.verify import check_table, verify
 
 TOL = 0.5 / fmt.LOGPROB_SCALE + 1e-5  # half a quantisation step, plus float32 rounding of the result
 CLIP = fmt.MAX_DELTA / fmt.LOGPROB_SCALE  # the largest gap between neighbours the deltas hold (nats)
@@ -255,12 +255,12 @@ def test_fingerprint_is_stable_and_keyed_on_its_fields():
     assert fmt.fingerprint({k: core[k] for k in reversed(list(core))}) == fp
     for name in fmt.FINGERPRINT_FIELDS:
         other = copy.deepcopy(core)
-        _set(other, name, _changed(fmt._dig(core, name)))
+        _set(other, name, _changed(fmt.dig(core, name)))
         assert fmt.fingerprint(other) != fp, f"{name} must change the fingerprint"
     # provenance that does not change the rows does not change the key
     for name in ("teacher.path", "teacher.source", "generation.engine_version", "prompts.source", "prompts.column"):
         other = copy.deepcopy(core)
-        _set(other, name, _changed(fmt._dig(core, name)))
+        _set(other, name, _changed(fmt.dig(core, name)))
         assert fmt.fingerprint(other) == fp, f"{name} must not change the fingerprint"
     other = copy.deepcopy(core)
     other["config"] = {"batch_size": 3, "shard_prompts": 1, "out": "/elsewhere"}

@@ -27,11 +27,11 @@ import yaml
 
 import kdgen.generate as gen
 from conftest import build_tiny_model
-from kdgen import format as fmt
-from kdgen.errors import KdError
-from kdgen.prompts import load_prompts
-from kdgen.models import resolve
-from kdgen.teacher import load_teacher, remembered_identity
+from kdcore import format as fmt
+from kdcore.errors import KdError
+from kdcore.prompts import load_prompts
+from kdcore.models import resolve
+from kdcore.teacher import load_teacher, remembered_identity
 from kdgen_helpers import (  # noqa: F401  (one_torch_thread: autouse fixture)
     CHAT_ROWS,
     ONE_THREAD_ENV,
@@ -230,7 +230,7 @@ def test_remembered_identity_is_the_live_one_until_a_file_changes(tmp_path, tiny
 # rename never happens (the worst moment for an atomic writer).
 KILLED_RUN = r"""
 import json, os, signal, sys
-from kdgen import format as fmt
+from kdcore import format as fmt
 from kdgen.generate import GenerateConfig, run
 
 real, shards = fmt.write_bytes_atomic, []

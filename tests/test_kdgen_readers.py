@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kdgen.generate as gen
-from kdgen import format as fmt
+from kdcore import format as fmt
 from kdgen_helpers import CHAT_ROWS, one_torch_thread, tiny_config, write_jsonl  # noqa: F401 (autouse fixture)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kdgen.generate as gen
-from kdgen import format as fmt
+from kdcore import format as fmt
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401
 from kdgen_store_helpers import small_config
 

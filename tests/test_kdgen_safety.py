@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from kdgen.errors import KdError
+from kdcore.errors import KdError
 
 PACKAGES = ("kdgen", "kdtrain", "kdeval")
 FORBIDDEN = {
@@ -66,7 +66,7 @@ def test_kdgen_model_loaders_refuse_remote_code_explicitly():
 
 
 def test_a_checkpoint_with_custom_code_is_refused_without_running_it(tmp_path):
-    from kdgen.teacher import load_teacher
+    from kdcore.teacher import load_teacher
 
     model = tmp_path / "evil"
     model.mkdir()

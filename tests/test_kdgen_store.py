@@ -15,8 +15,8 @@ import fsspec
 import pytest
 
 import kdgen.generate as gen
-from kdgen import format as fmt
-from kdgen.errors import KdError
+from kdcore import format as fmt
+from kdcore.errors import KdError
 from kdgen.store import copy_dataset
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401
 from kdgen_gcs import gcs_server  # noqa: F401  (fixture)

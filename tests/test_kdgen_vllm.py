@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import kdgen.generate as gen
-from kdgen import format as fmt
+from kdcore import format as fmt
 from kdgen.generate import GenerateConfig
 from kdgen_helpers import (
     CHAT_ROWS,

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 SCRIPT = r"""
 import json, sys
 from transformers import AutoTokenizer
-from kdgen.backends import Request, SamplingConfig, request_seed
-from kdgen.backends.vllm_backend import VLLMBackend
+from kdcore.backends import Request, SamplingConfig, request_seed
+from kdcore.backends.vllm_backend import VLLMBackend
 
 model = sys.argv[1]
 tok = AutoTokenizer.from_pretrained(model)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kdgen.errors import ConfigError, KdError
+from kdcore.errors import ConfigError, KdError
 from kdtrain.config import RECIPES, TrainConfig, load_config, recipe_path
 
 NEEDED = {"data": ["ds/abc"], "student": "some-model"}

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from kdtrain.align import chunk_alignment, first_of_chunk, merge_candidates
-from kdtrain.losses import DIVERGENCES, SparseKD, fused_kd_losses, span_likelihood
-from kdtrain.vocab_map import EXACT, NONE, PREFIX, TokenBytes, VocabMap
+from kdcore.align import chunk_alignment, first_of_chunk, merge_candidates
+from kdcore.divergences import DIVERGENCES, SparseKD, span_likelihood
+from kdtrain.losses import fused_kd_losses
+from kdcore.vocab_map import EXACT, NONE, PREFIX, TokenBytes, VocabMap
 from test_kdtrain_losses import ALPHA, BETA, _dense_divergence
 
 TEXTS = {
@@ -74,7 +75,7 @@ def tiny_sentencepiece(vocab: int = 500):
 def gemma_tokenizer():
     from transformers import AutoTokenizer
 
-    from kdgen.models import resolve
+    from kdcore.models import resolve
 
     return AutoTokenizer.from_pretrained(resolve("gemma3-270m").path)
 
@@ -294,7 +295,7 @@ def test_residual_bucket_matches_dense_reference(small_pair, loss):
     h2 = hidden.clone().requires_grad_(True)
     logq = torch.log_softmax(h2 @ weight.t(), -1)
     s_top = logq.gather(1, torch.from_numpy(ids))
-    from kdtrain.losses import sparse_kd_per_token
+    from kdcore.divergences import sparse_kd_per_token
 
     sparse_kd_per_token(s_top, torch.from_numpy(lps), spec).sum().backward()
     assert torch.allclose(h.grad, h2.grad, atol=1e-5)

@@ -93,7 +93,7 @@ def test_cross_family_run_and_resume(xworld, tmp_path):
 
 
 def test_teacher_tokenizer_must_match_dataset(xworld, tmp_path):
-    from kdgen.errors import KdError
+    from kdcore.errors import KdError
     from kdtrain.train import build_trainer
 
     with pytest.raises(KdError, match="not the one the dataset was written with"):

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from kdgen.errors import KdError
+from kdcore.errors import KdError
 from test_kdtrain_train import _cfg, _grads_after_one_step, world  # noqa: F401  (world: the teacher dataset fixture)
 
 LAUNCH_FLAGS = ["max_steps=3", "batch_size=2", "logging_steps=1", "save_steps=2", "lr=3e-3"]
@@ -70,7 +70,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 import kdtrain.trainer as trainer
-from kdtrain.losses import SparseKD
+from kdcore.divergences import SparseKD
 
 dist.init_process_group("gloo")
 used = []

@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdgen.errors import KdError
-from kdgen.format import canonical_json, sha256_hex
+from kdcore.errors import KdError
+from kdcore.format import canonical_json, sha256_hex
 
 AUTO_COLUMNS = ("messages", "prompt", "text", "instruction", "question", "input")
 
@@ -38,7 +38,7 @@ class Prompt:
         return sha256_hex(canonical_json(body))
 
 
-def _read_records(path: Path, split: str) -> list[dict]:
+def read_records(path: Path, split: str) -> list[dict]:
     """Rows of a prompt file as dicts."""
     if not path.exists():
         raise KdError(f"--prompts {path}: no such file or directory")
@@ -130,7 +130,7 @@ def load_prompts(
     lists) is chat input; a string column is plain text.
     """
     path = Path(path)
-    records = _read_records(path, split)
+    records = read_records(path, split)
     if not records:
         raise KdError(f"--prompts {path}: the file holds no prompts")
     keys = list(records[0].keys())

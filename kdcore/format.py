@@ -53,7 +53,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdgen.errors import KdError
+from kdcore.errors import KdError
 
 FORMAT_VERSION = 1
 LOGPROB_SCALE = 512
@@ -98,7 +98,7 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _dig(d: dict, dotted: str) -> Any:
+def dig(d: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         d = d[part]
     return d
@@ -106,7 +106,7 @@ def _dig(d: dict, dotted: str) -> Any:
 
 def fingerprint(manifest_core: dict) -> str:
     """Content key of a dataset: sha256 over `FINGERPRINT_FIELDS` of the manifest, first 16 hex."""
-    keyed = {name: _dig(manifest_core, name) for name in FINGERPRINT_FIELDS}
+    keyed = {name: dig(manifest_core, name) for name in FINGERPRINT_FIELDS}
     return sha256_hex(canonical_json(keyed))[:16]
 
 
@@ -559,7 +559,7 @@ class Batch:
         }
 
 
-def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def flat_list(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Values and offsets of a list column (one chunk), without copying per row."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
@@ -584,12 +584,12 @@ def decode_table(
     """
     if id_order is None:
         id_order = decode_id_order(table.schema.metadata)
-    cids, offsets = _flat(table["completion_ids"])
-    codes, _ = _flat(table["token_logprob_codes"])
-    tk, _ = _flat(table["topk_ids"])
-    dl, _ = _flat(table["topk_logprob_deltas"])
+    cids, offsets = flat_list(table["completion_ids"])
+    codes, _ = flat_list(table["token_logprob_codes"])
+    tk, _ = flat_list(table["topk_ids"])
+    dl, _ = flat_list(table["topk_logprob_deltas"])
     topk_ids = (np.take(id_order.astype(id_dtype, copy=False), tk) if id_order is not None else tk.astype(id_dtype)).reshape(-1, k)
-    pids, poff = _flat(table["prompt_ids"])
+    pids, poff = flat_list(table["prompt_ids"])
     return Batch(
         ids=table["id"].to_pylist(),
         offsets=offsets,
@@ -617,7 +617,7 @@ class TeacherDataset:
         self.fs, path = open_fs(self.url)
         manifest = read_manifest(self.fs, path)
         if manifest is None:
-            found = [p for p in _dataset_dirs(self.fs, path)]
+            found = [p for p in dataset_dirs(self.fs, path)]
             if len(found) == 1:
                 path = found[0]
                 self.url = self.url + "/" + posixpath.basename(path)
@@ -686,7 +686,7 @@ class TeacherDataset:
         return datasets.Dataset(self.read_table())
 
 
-def _dataset_dirs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+def dataset_dirs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """Complete dataset directories directly under `root`."""
     if not fs.exists(root) or not fs.isdir(root):
         return []
@@ -701,7 +701,7 @@ def _dataset_dirs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 def list_datasets(url: str) -> list[dict]:
     """Manifests of every complete dataset directly under `url`."""
     fs, root = open_fs(url)
-    return [read_manifest(fs, p) for p in _dataset_dirs(fs, root)]
+    return [read_manifest(fs, p) for p in dataset_dirs(fs, root)]
 
 
 def now_iso() -> str:

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kdgen import format as fmt
-from kdgen.errors import KdError
+from kdcore import format as fmt
+from kdcore.errors import KdError
 
 
 def check_table(table: pa.Table, k: int, vocab: int, scale: int = fmt.LOGPROB_SCALE) -> list[str]:
@@ -47,7 +47,7 @@ def check_table(table: pa.Table, k: int, vocab: int, scale: int = fmt.LOGPROB_SC
         # encoding stores code 0 exactly there (the writer checked the engine's values agree), so
         # here: code 0 <=> in the top-k, and an explicit log-prob must not beat the k-th entry.
         hit = (b.topk_ids == b.completion_ids[:, None]).any(axis=1)
-        codes, _ = fmt._flat(table["token_logprob_codes"])
+        codes, _ = fmt.flat_list(table["token_logprob_codes"])
         if not np.array_equal(codes == 0, hit):
             problems.append("token_logprob_codes disagree with whether the sampled token is in the top-k")
         outside = ~hit
@@ -64,7 +64,7 @@ def check_table(table: pa.Table, k: int, vocab: int, scale: int = fmt.LOGPROB_SC
 
 
 def _row_prompt_hashes(table: pa.Table) -> list[str]:
-    """Each row's prompt content hash, as `kdgen.prompts.Prompt.content_hash` computes it."""
+    """Each row's prompt content hash, as `kdcore.prompts.Prompt.content_hash` computes it."""
     cols = set(table.column_names)
     messages = table["messages"].to_pylist() if "messages" in cols else [None] * table.num_rows
     texts = table["prompt"].to_pylist() if "prompt" in cols else [None] * table.num_rows

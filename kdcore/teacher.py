@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from kdgen.errors import KdError
-from kdgen.format import canonical_json, sha256_hex
-from kdgen.models import ResolvedModel, cache_dir, resolve
-from kdgen.prompts import chat_template_of
+from kdcore.errors import KdError
+from kdcore.format import canonical_json, sha256_hex
+from kdcore.models import ResolvedModel, cache_dir, resolve
+from kdcore.prompts import chat_template_of
 
 
 @dataclass

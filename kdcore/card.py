@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from kdgen import format as fmt
+from kdcore import format as fmt
 
 CARD = """---
 configs:
@@ -57,7 +57,7 @@ Log-probs are normalised over the full vocabulary, so the mass outside the top-k
 so `logprob = -cumsum(deltas) / {scale}` (within {err:.1e} nats of the engine's value). In Python:
 
 ```python
-from kdgen.format import TeacherDataset
+from kdcore.format import TeacherDataset
 ds = TeacherDataset("{url_hint}")
 batch = next(ds.iter_batches())        # batch.topk_ids / batch.topk_logprobs: [tokens, {k}]
 ```

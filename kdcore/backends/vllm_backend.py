@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from kdgen.backends import Output, Request, SamplingConfig
+from kdcore.backends import Output, Request, SamplingConfig
 
 
 def on_cpu() -> bool:

@@ -7,7 +7,7 @@ processor (temperature, top-p, top-k), so the trainer can apply its own temperat
 Each request carries its own seed, derived from its row id, so a row's sample does not depend on
 which other rows share its batch — resume and sharding give the same rows.
 
-`vllm` is imported only inside `kdgen.backends.vllm_backend`, and only when that backend is chosen.
+`vllm` is imported only inside `kdcore.backends.vllm_backend`, and only when that backend is chosen.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdgen.format import sha256_hex
+from kdcore.format import sha256_hex
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,11 @@ def engine_version(name: str) -> str:
 def make_backend(name: str, model_path: str, dtype: str, k: int, max_model_len: int, options: dict):
     """Build the named backend. `options` holds engine settings that never change rows."""
     if name == "hf":
-        from kdgen.backends.hf_backend import HFBackend
+        from kdcore.backends.hf_backend import HFBackend
 
         return HFBackend(model_path, dtype=dtype, batch_size=options.get("batch_size", 8))
     if name == "vllm":
-        from kdgen.backends.vllm_backend import VLLMBackend
+        from kdcore.backends.vllm_backend import VLLMBackend
 
         return VLLMBackend(model_path, dtype=dtype, k=k, max_model_len=max_model_len, **options)
     raise ValueError(name)

@@ -1,0 +1,175 @@
+"""Sparse top-k divergences over k+1 buckets: the one implementation training and evaluation share.
+
+The teacher dataset holds, per completion token, the teacher's k most likely ids and their
+log-probs (normalised over the full vocabulary). The student side is its log-softmax gathered at
+those ids. Both sides become distributions over K categories:
+
+* ``tail="bucket"`` (default), K = k+1: the k top-k entries plus one **tail bucket** holding the
+  rest of the mass, ``log(1 - sum(exp(topk)))``, on each side. Mass-preserving: the divergence is
+  the exact divergence between the two distributions coarse-grained onto {top-k ids, everything
+  else} — a lower bound of the full-vocabulary one (data processing inequality).
+* ``tail="renorm"``, K = k: both sides renormalised over the top-k ids (log-softmax over the k
+  entries). This is the common shortcut; it is biased (it ignores how much mass each side puts
+  outside the top-k) and is kept for comparison.
+
+Temperature ``tau`` is applied the same way to both sides, on the K bucket log-probs:
+``log_softmax(logp / tau)``. For the top-k entries this is ordinary tempering of those entries
+relative to each other; **the tail bucket is tempered as if it were one token** (its mass m becomes
+m^(1/tau) before renormalising), whereas tempering the full vocabulary would raise every tail token
+separately (sum p_j^(1/tau) >= m^(1/tau) for tau > 1). So at tau > 1 the tail gets less weight than
+full-vocabulary tempering would give it; at tau = 1 nothing changes. The divergence is multiplied
+by tau^2 (Hinton et al. 2015) so gradient magnitudes stay comparable across temperatures.
+
+Divergences (t = teacher, s = student, both [N, K] log-probs, each row a distribution):
+
+==========  =================================================================================
+fkl         KL(t || s)                         forward KL, mode-covering (standard KD)
+rkl         KL(s || t)                         reverse KL, mode-seeking (MiniLLM)
+skl         KL(t || a*t + (1-a)*s)             skew forward KL, alpha = a (DistiLLM, 0.1)
+srkl        KL(s || (1-a)*t + a*s)             skew reverse KL (DistiLLM)
+jsd         b*KL(t||m) + (1-b)*KL(s||m),       generalised JSD, m = b*t + (1-b)*s (GKD, b = beta)
+tvd         0.5 * sum |t - s|                  total variation distance
+symkl       KL(t || s) + KL(s || t)            symmetric (Jeffreys) KL
+==========  =================================================================================
+
+Entries that are invalid for a token (teacher ids beyond the student's embedding rows) carry a
+teacher log-prob of -inf; they are dropped from both sides and their mass joins the tails.
+Log-probs are floored at ``LOG_FLOOR`` so that 0 * log 0 terms stay 0, and each tail mass is
+floored at ``TAIL_FLOOR`` (keeps the reverse KL finite when the top-k holds all the mass).
+
+Cross-tokenizer KD adds `span_likelihood`: the teacher's and the student's log-prob of the same
+text span (an alignment chunk, `kdcore.align`) as two-bucket distributions, compared with the same
+divergence; `fused_kd_losses` computes it inside the same LM-head pass.
+
+Test: ``pytest tests/test_kdtrain_losses.py`` (every divergence against a dense reference),
+``tests/test_kdtrain_crosstok.py`` (residual bucket and span term against dense references).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "symkl")
+TAILS = ("bucket", "renorm")
+LOG_FLOOR = -1.0e4  # exp(LOG_FLOOR) == 0 in float32: zero-probability entries contribute exactly 0
+TAIL_FLOOR = 1.0e-10
+LOGITS_BUDGET = 1 << 25  # float32 elements per [chunk, V] logits tile, training and evaluation alike (128 MB)
+
+
+@dataclass(frozen=True)
+class SparseKD:
+    """How the soft loss is computed (validated by `kdtrain.config`)."""
+
+    loss: str = "fkl"
+    tail: str = "bucket"
+    temperature: float = 1.0
+    alpha: float = 0.1  # skew KL mixing weight (skl, srkl)
+    beta: float = 0.5  # JSD interpolation weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergences between two distributions over the same K categories
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) per row. logp, logq: [N, K] -> [N]."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _mix(logp: Tensor, logq: Tensor, w: float) -> Tensor:
+    """log(w*p + (1-w)*q), stably. logp, logq: [N, K]; 0 <= w < 1."""
+    if w == 0.0:
+        return logq
+    return torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
+
+
+def divergence(t: Tensor, s: Tensor, loss: str, alpha: float = 0.1, beta: float = 0.5) -> Tensor:
+    """Per-row divergence between teacher and student.
+
+    t: [N, K] teacher log-probs; s: [N, K] student log-probs (rows are distributions, entries
+    >= LOG_FLOOR). Returns [N].
+    """
+    if loss == "fkl":
+        return _kl(t, s)
+    if loss == "rkl":
+        return _kl(s, t)
+    if loss == "skl":
+        return _kl(t, _mix(t, s, alpha))
+    if loss == "srkl":
+        return _kl(s, _mix(s, t, alpha))
+    if loss == "jsd":
+        m = _mix(t, s, beta)
+        return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+    if loss == "tvd":
+        return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+    if loss == "symkl":
+        return _kl(t, s) + _kl(s, t)
+    raise ValueError(f"unknown divergence {loss!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Buckets
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(max(1 - exp(x), TAIL_FLOOR)) for x = log of a mass (<= ~0). [..] -> [..]."""
+    return torch.log(torch.clamp(-torch.expm1(torch.clamp(x, max=0.0)), min=TAIL_FLOOR))
+
+
+def bucket_logprobs(top: Tensor, tail: str, temperature: float) -> Tensor:
+    """One side's top-k log-probs -> tempered bucket log-probs.
+
+    top: [N, k] log-probs normalised over the full vocabulary (-inf where an entry is dropped).
+    returns: [N, k+1] for tail="bucket" (last column is the tail), [N, k] for tail="renorm";
+    each row a distribution, entries floored at LOG_FLOOR.
+    """
+    if tail == "bucket":
+        top = torch.cat([top, _log1mexp(torch.logsumexp(top, -1, keepdim=True))], dim=-1)
+    elif tail != "renorm":
+        raise ValueError(f"unknown tail mode {tail!r}; choose one of {', '.join(TAILS)}")
+    if temperature != 1.0 or tail == "renorm":
+        top = F.log_softmax(top / temperature, dim=-1)
+    return top.clamp(min=LOG_FLOOR)
+
+
+def sparse_kd_per_token(
+    student_topk: Tensor, teacher_topk: Tensor, spec: SparseKD
+) -> Tensor:
+    """Per-token soft loss from gathered log-probs.
+
+    student_topk: [N, k] student log-softmax (temperature 1) at the teacher's top-k ids.
+    teacher_topk: [N, k] teacher log-probs (temperature 1), -inf for dropped entries.
+    returns: [N], already multiplied by temperature^2.
+    """
+    student_topk = student_topk.masked_fill(torch.isneginf(teacher_topk), float("-inf"))
+    dtype = torch.promote_types(teacher_topk.dtype, torch.float32)  # float64 stays float64 (evaluation)
+    t = bucket_logprobs(teacher_topk.to(dtype), spec.tail, spec.temperature)
+    s = bucket_logprobs(student_topk.to(dtype), spec.tail, spec.temperature)
+    return divergence(t, s, spec.loss, spec.alpha, spec.beta) * spec.temperature**2
+
+
+def span_likelihood(student_token_logprobs: Tensor, span_ids: Tensor, span_logprobs: Tensor, spec: SparseKD) -> Tensor:
+    """Per-span loss between the teacher's and the student's likelihood of the same text span.
+
+    Cross-tokenizer KD (ALM, Minixhofer et al. 2025): a span (chunk) is text both tokenizations
+    cut at the same bytes; the teacher's log-prob of it is the sum of its token log-probs, the
+    student's the sum over its own tokens. Each side becomes a two-bucket distribution
+    {the span, anything else} — `bucket_logprobs` with k = 1 — and the configured divergence
+    compares them (tempered like the token buckets, scaled by T^2).
+
+    student_token_logprobs: [n] student log-prob of each position's label (differentiable).
+    span_ids: [n] span index per position, -1 = none. span_logprobs: [C] teacher span log-probs.
+    returns: [U] one loss per span present in span_ids.
+    """
+    keep = span_ids >= 0
+    if not keep.any():
+        return student_token_logprobs.new_zeros(0)
+    spans, inverse = torch.unique(span_ids[keep], return_inverse=True)
+    s = student_token_logprobs.new_zeros(len(spans)).index_add(0, inverse, student_token_logprobs[keep])
+    t = span_logprobs[spans].to(s.dtype)
+    return sparse_kd_per_token(s[:, None], t[:, None], replace(spec, tail="bucket"))
