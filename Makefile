@@ -15,6 +15,13 @@ DEMO_PROMPTS ?= 48
 DEMO_EVAL_PROMPTS ?= 16
 DEMO_OUT ?= demo-out
 BENCH_PRESET ?= small
+# Machine tuning, not library behaviour: OpenMP threads waiting for work sleep instead of spinning.
+# On a 2-core box shared with other jobs the default spin-wait made transformers decoding 2-20x
+# slower (SmolLM2, batch 8, beside one other torch job: 0.34-3.3 s per step against 0.15 s with
+# PASSIVE; `kdeval run` on the demo 440-620 s instead of ~70 s); on an idle box PASSIVE costs ~15%
+# (37 s -> 43 s). A value set in the environment wins; `make ... OMP_WAIT_POLICY=ACTIVE` to undo.
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 
 .PHONY: venv test test-fast demo bench clean
 

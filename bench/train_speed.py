@@ -63,11 +63,11 @@ DENSE_TEACHER = "smollm2-135m-instruct"
 
 def _write_dataset(root: Path, core: dict, rows: list, prompts: list, shard_rows: int, note: dict) -> str:
     """Commit `rows` as a teacher dataset under `root` with the format's own writer (`rows_to_table`,
-    `write_shard`, `kdgen.generate.finalize`), `shard_rows` rows per shard. `prompts`
+    `write_shard`, `kdgen.commit.finalize`), `shard_rows` rows per shard. `prompts`
     (`kdcore.prompts.Prompt`, one per prompt in row order) become the manifest's prompt set, so the
     dataset passes `kdgen verify` (kdtrain verifies what it opens)."""
     from kdcore import format as fmt
-    from kdgen.generate import finalize
+    from kdgen.commit import finalize
 
     core = {**core, "prompts": {"source": note["source"], "count": len(prompts), "content_hash": fmt.sha256_hex("\n".join(p.content_hash for p in prompts))}}
     fs, base = fmt.open_fs(str(root))
@@ -249,6 +249,16 @@ def bench_reading(url: str, batch: int, reps: int) -> dict:
 # Training step (one arm per subprocess)
 
 
+def gkd_args(sft_args, gkd_config_class):
+    """TRL's GKD arguments on exactly kdtrain's settings (every SFTConfig field copied), off-policy
+    (lmbda 0), beta 0 = forward KL over the full vocabulary, temperature 1. Built here: kdtrain's
+    `training_args` knows only SFTConfig."""
+    import dataclasses
+
+    same = {f.name: getattr(sft_args, f.name) for f in dataclasses.fields(sft_args) if f.init}
+    return gkd_config_class(**same, lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0)
+
+
 def arm(kind: str, url: str, student: str, out: str, batch: int, steps: int, warmup: int) -> dict:
     import torch
     from transformers import TrainerCallback
@@ -278,7 +288,7 @@ def arm(kind: str, url: str, student: str, out: str, batch: int, steps: int, war
             from kdcore.models import resolve
 
             teacher = AutoModelForCausalLM.from_pretrained(resolve(DENSE_TEACHER).path, dtype=torch.float32)
-            args = training_args(cfg, GKDConfig, lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0)
+            args = gkd_args(training_args(cfg), GKDConfig)
             trainer = GKDTrainer(teacher_model=teacher, args=args, **common)
     times: list[float] = []
 

@@ -3,14 +3,14 @@ mapped onto student ids.
 
 The teacher's completion is a sequence of teacher tokens; the student re-tokenises the same text.
 With every token's bytes (`kdcore.vocab_map.TokenBytes`), each side's tokens end at known byte
-offsets. A **chunk** ends where both sides end a token at the same byte, so chunk c spans the
+offsets. A **span** ends where both sides end a token at the same byte, so span c covers the
 same bytes on both sides: teacher tokens t_first[c].. and student tokens s_first[c]... At the
-first token of a chunk both models condition on the same text prefix, which is where their
+first token of a span both models condition on the same text prefix, which is where their
 next-token distributions can be compared (Minixhofer et al. 2025, "Universal cross-tokenizer
 distillation via approximate likelihood matching", call these positions aligned). Special
-tokens stand for no bytes; the final EOS pair forms a chunk of its own.
+tokens stand for no bytes; the final EOS pair forms a span of its own.
 
-    t_chunk, s_chunk, n = chunk_alignment(teacher_lengths, student_lengths)
+    t_span, s_span, n = span_alignment(teacher_lengths, student_lengths)
     ids, lps = merge_candidates(vmap.student_id[topk_ids], topk_logprobs)
 
 Test: `pytest tests/test_kdtrain_crosstok.py`.
@@ -31,33 +31,33 @@ def valid_utf8_prefix(data: bytes) -> int:
         return e.start
 
 
-def chunk_alignment(t_lens: np.ndarray, s_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Chunks of two tokenisations of the same bytes.
+def span_alignment(t_lens: np.ndarray, s_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Spans of two tokenisations of the same bytes.
 
     t_lens: [T] bytes per teacher token; s_lens: [S] bytes per student token (0 for special
     tokens); both sum to the same byte count.
-    returns (t_chunk [T], s_chunk [S], n_chunks): the chunk of each token, numbered in text order;
-    -1 for tokens in a chunk that only one side has tokens in (e.g. a teacher EOS the student
-    lacks), and chunks so emptied are removed from the numbering.
+    returns (t_span [T], s_span [S], n_spans): the span of each token, numbered in text order;
+    -1 for tokens in a span that only one side has tokens in (e.g. a teacher EOS the student
+    lacks), and spans so emptied are removed from the numbering.
     """
     t_lens = np.asarray(t_lens, np.int64)
     s_lens = np.asarray(s_lens, np.int64)
     t_end, s_end = np.cumsum(t_lens), np.cumsum(s_lens)
     bounds = np.union1d([0], np.intersect1d(t_end, s_end))  # sorted shared token ends, from 0
-    # a token belongs to the chunk its first byte falls in (zero-length tokens: the chunk they start)
-    t_chunk = np.searchsorted(bounds, t_end - t_lens, side="right") - 1
-    s_chunk = np.searchsorted(bounds, s_end - s_lens, side="right") - 1
+    # a token belongs to the span its first byte falls in (zero-length tokens: the span they start)
+    t_span = np.searchsorted(bounds, t_end - t_lens, side="right") - 1
+    s_span = np.searchsorted(bounds, s_end - s_lens, side="right") - 1
     n = len(bounds)
-    both = (np.bincount(t_chunk, minlength=n) > 0) & (np.bincount(s_chunk, minlength=n) > 0)
+    both = (np.bincount(t_span, minlength=n) > 0) & (np.bincount(s_span, minlength=n) > 0)
     renum = np.where(both, np.cumsum(both) - 1, -1)
-    return renum[t_chunk], renum[s_chunk], int(both.sum())
+    return renum[t_span], renum[s_span], int(both.sum())
 
 
-def first_of_chunk(chunk: np.ndarray, n_chunks: int) -> np.ndarray:
-    """[n_chunks] the position of the first token of each chunk (chunk: [n], -1 = none)."""
-    first = np.full(n_chunks, -1, np.int64)
-    pos = np.nonzero(chunk >= 0)[0]
-    c = chunk[pos]
+def first_of_span(span: np.ndarray, n_spans: int) -> np.ndarray:
+    """[n_spans] the position of the first token of each span (span: [n], -1 = none)."""
+    first = np.full(n_spans, -1, np.int64)
+    pos = np.nonzero(span >= 0)[0]
+    c = span[pos]
     is_first = np.ones(len(c), bool)
     is_first[1:] = c[1:] != c[:-1]
     first[c[is_first]] = pos[is_first]

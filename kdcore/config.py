@@ -20,3 +20,13 @@ def doc_field(default, help: str, **metadata):
 def field_help(cls, name: str) -> str:
     """The help text of field `name` of config class `cls`."""
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+def sampling_problems(temperature: float, top_p: float) -> list[str]:
+    """The checks of the sampling flags --temperature and --top-p, which mean the same in kdgen and kdeval."""
+    problems = []
+    if temperature < 0:
+        problems.append(f"--temperature {temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        problems.append(f"--top-p {top_p}: must be in (0, 1]")
+    return problems

@@ -7,7 +7,7 @@ For a student whose tokenizer differs from the teacher's:
 2. both tokenisations are cut into *spans* at shared byte boundaries (`kdcore.align`);
 3. at the first student token of every span the teacher's top-k candidates are mapped to student ids
    (`kdcore.vocab_map.VocabMap`), colliding candidates summed (`mapped_targets`);
-4. every span carries the teacher's summed `token_logprobs` over its tokens (`chunk_teacher_logprobs`).
+4. every span carries the teacher's summed `token_logprobs` over its tokens (`span_teacher_logprobs`).
 
 kdtrain turns aligned rows into training examples (`kdtrain.crosstok`); kdeval scores students on
 them (`kdeval.crosstok`).
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdcore.align import chunk_alignment, first_of_chunk, merge_candidates, valid_utf8_prefix
+from kdcore.align import span_alignment, first_of_span, merge_candidates, valid_utf8_prefix
 from kdcore.errors import KdError
 from kdcore.teacher import tokenizer_identity
 from kdcore.teacher_data import TeacherData, encode_prompts, encode_texts
@@ -68,23 +68,23 @@ class AlignedRow:
 
     text: the completion text the student sees (the teacher's bytes, valid UTF-8 prefix).
     student_ids [S]: its student tokenisation (+ the student's EOS where the teacher stopped).
-    t_chunk [T] / s_chunk [S]: chunk of each teacher / student completion token (-1 = none).
-    t_first / s_first [C]: first teacher / student position of each chunk.
-    round_trip: the student's tokens spell exactly the text's bytes (otherwise no chunks).
+    t_span [T] / s_span [S]: span of each teacher / student completion token (-1 = none).
+    t_first / s_first [C]: first teacher / student position of each span.
+    round_trip: the student's tokens spell exactly the text's bytes (otherwise no spans).
     """
 
     text: str
     prompt_ids: list[int]
     student_ids: np.ndarray
-    t_chunk: np.ndarray
-    s_chunk: np.ndarray
+    t_span: np.ndarray
+    s_span: np.ndarray
     t_first: np.ndarray
     s_first: np.ndarray
     round_trip: bool
     cut_bytes: int  # teacher bytes left out (invalid UTF-8 at the end)
 
     @property
-    def n_chunks(self) -> int:
+    def n_spans(self) -> int:
         return len(self.t_first)
 
 
@@ -118,16 +118,16 @@ def align_rows(batch, prompts: list[tuple], ctx: CrossTok) -> list[AlignedRow]:
             none_t, none_s = np.full(len(t_ids), -1), np.full(len(s_ids), -1)
             out.append(AlignedRow(texts[i], prompt_ids, s_ids, none_t, none_s, np.zeros(0, np.int64), np.zeros(0, np.int64), False, cuts[i]))
             continue
-        if cuts[i]:  # teacher tokens past the valid text stay out of every chunk
+        if cuts[i]:  # teacher tokens past the valid text stay out of every span
             keep = np.cumsum(t_lens) <= len(t_bytes[i])
             keep &= np.cumsum(~keep) == 0
-            t_chunk_k, s_chunk, n = chunk_alignment(t_lens[keep], s_lens)
-            t_chunk = np.full(len(t_ids), -1, np.int64)
-            t_chunk[: keep.sum()] = t_chunk_k
+            t_span_k, s_span, n = span_alignment(t_lens[keep], s_lens)
+            t_span = np.full(len(t_ids), -1, np.int64)
+            t_span[: keep.sum()] = t_span_k
         else:
-            t_chunk, s_chunk, n = chunk_alignment(t_lens, s_lens)
+            t_span, s_span, n = span_alignment(t_lens, s_lens)
         out.append(
-            AlignedRow(texts[i], prompt_ids, s_ids, t_chunk, s_chunk, first_of_chunk(t_chunk, n), first_of_chunk(s_chunk, n), True, cuts[i])
+            AlignedRow(texts[i], prompt_ids, s_ids, t_span, s_span, first_of_span(t_span, n), first_of_span(s_span, n), True, cuts[i])
         )
     return out
 
@@ -152,11 +152,11 @@ def iter_aligned(data: TeacherData, ctx: CrossTok, limit: int | None = None, bat
 
 def mapped_targets(row: AlignedRow, topk_ids: np.ndarray, topk_logprobs: np.ndarray, ctx: CrossTok) -> tuple[np.ndarray, np.ndarray]:
     """Sparse targets on the student's positions: [S, k] student ids and teacher log-probs, the
-    teacher's mapped top-k at the first student token of each chunk, -inf everywhere else."""
+    teacher's mapped top-k at the first student token of each span, -inf everywhere else."""
     S, k = len(row.student_ids), topk_ids.shape[1]
     ids = np.zeros((S, k), np.int64)
     lps = np.full((S, k), -np.inf, np.float32)
-    if row.n_chunks:
+    if row.n_spans:
         t_rows = topk_ids[row.t_first]
         sid = np.where(t_rows < len(ctx.vmap.student_id), ctx.vmap.student_id[np.minimum(t_rows, len(ctx.vmap.student_id) - 1)], -1)
         m_ids, m_lps = merge_candidates(sid, topk_logprobs[row.t_first])
@@ -164,7 +164,7 @@ def mapped_targets(row: AlignedRow, topk_ids: np.ndarray, topk_logprobs: np.ndar
     return ids, lps
 
 
-def chunk_teacher_logprobs(row: AlignedRow, token_logprobs: np.ndarray) -> np.ndarray:
-    """[C] the teacher's log-prob of each chunk: its token_logprobs summed over the chunk."""
-    keep = row.t_chunk >= 0
-    return np.bincount(row.t_chunk[keep], weights=token_logprobs[keep].astype(np.float64), minlength=row.n_chunks).astype(np.float32)
+def span_teacher_logprobs(row: AlignedRow, token_logprobs: np.ndarray) -> np.ndarray:
+    """[C] the teacher's log-prob of each span: its token_logprobs summed over the span."""
+    keep = row.t_span >= 0
+    return np.bincount(row.t_span[keep], weights=token_logprobs[keep].astype(np.float64), minlength=row.n_spans).astype(np.float32)

@@ -38,7 +38,7 @@ Log-probs are floored at ``LOG_FLOOR`` so that 0 * log 0 terms stay 0, and each 
 floored at ``TAIL_FLOOR`` (keeps the reverse KL finite when the top-k holds all the mass).
 
 Cross-tokenizer KD adds `span_likelihood`: the teacher's and the student's log-prob of the same
-text span (an alignment chunk, `kdcore.align`) as two-bucket distributions, compared with the same
+text span (the alignment unit of `kdcore.align`) as two-bucket distributions, compared with the same
 divergence; `fused_kd_losses` computes it inside the same LM-head pass.
 
 Test: ``pytest tests/test_kdtrain_losses.py`` (every divergence against a dense reference),
@@ -58,7 +58,7 @@ DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "symkl")
 TAILS = ("bucket", "renorm")
 LOG_FLOOR = -1.0e4  # exp(LOG_FLOOR) == 0 in float32: zero-probability entries contribute exactly 0
 TAIL_FLOOR = 1.0e-10
-LOGITS_BUDGET = 1 << 25  # float32 elements per [chunk, V] logits tile, training and evaluation alike (128 MB)
+LOGITS_BUDGET = 1 << 25  # float32 elements per [tile, V] logits tile, training and evaluation alike (128 MB)
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def sparse_kd_per_token(
 def span_likelihood(student_token_logprobs: Tensor, span_ids: Tensor, span_logprobs: Tensor, spec: SparseKD) -> Tensor:
     """Per-span loss between the teacher's and the student's likelihood of the same text span.
 
-    Cross-tokenizer KD (ALM, Minixhofer et al. 2025): a span (chunk) is text both tokenizations
+    Cross-tokenizer KD (ALM, Minixhofer et al. 2025): a span is text both tokenizations
     cut at the same bytes; the teacher's log-prob of it is the sum of its token log-probs, the
     student's the sum over its own tokens. Each side becomes a two-bucket distribution
     {the span, anything else} — `bucket_logprobs` with k = 1 — and the configured divergence

@@ -13,7 +13,7 @@ CPU and a dequantised checkpoint loads faster everywhere. The conversion drops
 `config.quantization_config` and loads the dequantised state dict into a fresh model.
 
 `resolve(spec)` returns a `ResolvedModel` with the path to load and the identity recorded in
-manifests (source, path, revision, weights hash). Test: `pytest tests/test_models.py`.
+manifests (source, path, revision, weights hash). Test: `pytest tests/test_kdgen_generate.py tests/test_kdgen_errors.py` (specs, identity, unknown names).
 """
 
 from __future__ import annotations

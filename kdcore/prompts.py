@@ -6,7 +6,7 @@ Chat prompts go through the tokenizer's own chat template, applied here, then ar
 without adding special tokens again (the template already holds the BOS: no double BOS).
 Plain text is tokenised as is, with the tokenizer's usual special tokens.
 
-Test: `pytest tests/test_prompts.py`.
+Test: `pytest tests/test_kdgen_generate.py -k prompt` (every prompt source reads the same) and tests/test_kdgen_errors.py (bad prompt files).
 """
 
 from __future__ import annotations

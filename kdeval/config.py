@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdcore.config import doc_field as _f
-from kdcore.config import field_help
+from kdcore.config import field_help, sampling_problems
 from kdcore.errors import collect
 
 # Metric names a user can ask for with --metrics. Fidelity metrics need --data; quality metrics need
@@ -35,16 +35,16 @@ class _Help:
 
 @dataclass
 class EvalConfig(_Help):
-    models: list[str] = _f([], "Model to score (repeatable): checkpoint directory, .gguf file or built-in name; NAME=SPEC sets its name in the report.")
+    models: list[str] = _f([], "Model to score (repeatable): checkpoint directory, .gguf file or built-in name; NAME=SPEC sets its name in the report.", flag="model", short="-m")
     teacher: str | None = _f(None, "The teacher, scored the same way as the students so the report shows the trade-off (its outputs also serve as references when none are given).")
-    baselines: list[str] = _f([], "Baseline model (repeatable), e.g. the student before distillation; shown beside the students.")
+    baselines: list[str] = _f([], "Baseline model (repeatable), e.g. the student before distillation; shown beside the students.", flag="baseline")
     data: str | None = _f(None, "Held-out teacher dataset (directory or URL of OUT/<fingerprint>): fidelity metrics, prompts, and the teacher's completions as references.")
     prompts: str | None = _f(None, "Prompt file (.jsonl, .parquet, .csv) for generation when no --data is given (or to override its prompts).")
     prompt_column: str | None = _f(None, "Column holding the prompt in --prompts. Default: messages, prompt, text, instruction, question or input.")
     references: str | None = _f(None, "Reference completions, one per prompt (.jsonl/.csv with a reference column, or .txt one per line). Default: the teacher's completions.")
     reference_column: str | None = _f(None, "Column holding the reference in --references. Default: reference, completion, output, answer, target or text.")
     out: str = _f("kdeval-out", "Output directory: results.json, REPORT.md and plots.")
-    metrics: list[str] = _f([], f"Metrics to compute (repeatable; default all): {', '.join(METRICS)}.")
+    metrics: list[str] = _f([], f"Metrics to compute (repeatable or comma-separated; default all): {', '.join(METRICS)}.", split_commas=True)
     fidelity: bool = _f(True, "Score fidelity to the teacher on --data: token-level for models with the dataset's tokenizer, chunk-level for models with another (needs the teacher's tokenizer). --no-fidelity uses the dataset only for prompts and references.")
     limit: int | None = _f(None, "Use only the first N dataset rows / prompts.")
     samples: int = _f(3, "Side-by-side samples (prompt, reference, every model's output) kept for the report.")
@@ -60,15 +60,15 @@ class EvalConfig(_Help):
 
 @dataclass
 class CompareConfig(_Help):
-    runs: list[str] = _f([], "`kdeval run` output directories (or their results.json files) to compare.")
+    runs: list[str] = _f([], "`kdeval run` output directories (or their results.json files) to compare.", positional=True)
     out: str = _f("kdeval-report", "Output directory: REPORT.md, PNG plots and the merged results.json.")
     samples: int = _f(3, "Side-by-side samples to show in REPORT.md.")
 
 
 @dataclass
 class LmEvalConfig(_Help):
-    model: str = _f("", "Checkpoint directory, .gguf file or built-in name to hand to lm-evaluation-harness.")
-    tasks: list[str] = _f([], "Task names (standard lm-eval tasks need their data locally) or local task YAML files (repeatable). Default: data/lm_eval/kd_tiny_task.yaml.")
+    model: str = _f("", "Checkpoint directory, .gguf file or built-in name to hand to lm-evaluation-harness.", short="-m")
+    tasks: list[str] = _f([], "Task names (standard lm-eval tasks need their data locally) or local task YAML files (repeatable or comma-separated). Default: data/lm_eval/kd_tiny_task.yaml.", split_commas=True)
     out: str = _f("kdeval-lm-eval", "Output directory for lm_eval_results.json.")
     limit: int | None = _f(None, "Evaluate only the first N documents of each task.")
     num_fewshot: int | None = _f(None, "Few-shot examples per prompt (default: the task's own setting).")
@@ -103,10 +103,7 @@ def validate_eval(cfg: EvalConfig) -> None:
         problems.append(f"--samples {cfg.samples}: must be >= 0")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         problems.append(f"--max-new-tokens {cfg.max_new_tokens}: must be >= 1")
-    if cfg.temperature < 0:
-        problems.append(f"--temperature {cfg.temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < cfg.top_p <= 1:
-        problems.append(f"--top-p {cfg.top_p}: must be in (0, 1]")
+    problems += sampling_problems(cfg.temperature, cfg.top_p)
     if cfg.batch_size < 1:
         problems.append(f"--batch-size {cfg.batch_size}: must be >= 1")
     collect(problems)

@@ -1,19 +1,21 @@
 """`kdgen` command line: generate, score, ls, info, verify, merge, push, pull.
 
-The typer app is the one registry of commands. Every command builds a config and calls a plain
-function; user errors (`KdError`) print one line and exit 2, with no traceback.
+The typer app is the one registry of commands. `generate` and `score` are generated from
+`kdgen.config.GenerateConfig` by `kdcore.cli` (one flag per field, `--config FILE`, trailing
+key=value overrides); every command calls a plain function; user errors (`KdError`) print one line
+and exit 2, with no traceback. Test: `pytest tests/test_kdgen_errors.py tests/test_cli.py`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
 
 import typer
 
+from kdcore.cli import config_command
 from kdcore.errors import run_cli
-from kdgen.generate import GenerateConfig
+from kdgen.config import GenerateConfig
 
 app = typer.Typer(
     name="kdgen",
@@ -22,67 +24,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-H = GenerateConfig.help
+def _generate(kind: str):
+    def go(cfg: GenerateConfig) -> str:
+        from kdgen.generate import run
+
+        return run(cfg, kind)
+
+    return go
 
 
-def _build(**kw) -> GenerateConfig:
-    return GenerateConfig(**{k: v for k, v in kw.items() if v is not None or k in ("prompt_column", "limit", "gpu_memory_utilization")})
-
-
-@app.command()
-def generate(
-    prompts: str = typer.Option(..., help=H("prompts")),
-    out: str = typer.Option(GenerateConfig.out, help=H("out")),
-    teacher: str = typer.Option(GenerateConfig.teacher, help=H("teacher")),
-    prompt_column: Optional[str] = typer.Option(None, help=H("prompt_column")),
-    split: str = typer.Option(GenerateConfig.split, help=H("split")),
-    limit: Optional[int] = typer.Option(None, help=H("limit")),
-    backend: str = typer.Option(GenerateConfig.backend, help=H("backend")),
-    dtype: str = typer.Option(GenerateConfig.dtype, help=H("dtype")),
-    temperature: float = typer.Option(GenerateConfig.temperature, help=H("temperature")),
-    top_p: float = typer.Option(GenerateConfig.top_p, help=H("top_p")),
-    top_k: int = typer.Option(GenerateConfig.top_k, help=H("top_k")),
-    max_new_tokens: int = typer.Option(GenerateConfig.max_new_tokens, help=H("max_new_tokens")),
-    n: int = typer.Option(GenerateConfig.n, "--n", help=H("n")),
-    seed: int = typer.Option(GenerateConfig.seed, help=H("seed")),
-    k: int = typer.Option(GenerateConfig.k, "--k", help=H("k")),
-    chat_template: str = typer.Option(GenerateConfig.chat_template, help=H("chat_template")),
-    shard_prompts: int = typer.Option(GenerateConfig.shard_prompts, help=H("shard_prompts")),
-    batch_size: int = typer.Option(GenerateConfig.batch_size, help=H("batch_size")),
-    shard_index: int = typer.Option(GenerateConfig.shard_index, help=H("shard_index")),
-    num_shards: int = typer.Option(GenerateConfig.num_shards, help=H("num_shards")),
-    gpu_memory_utilization: Optional[float] = typer.Option(None, help=H("gpu_memory_utilization")),
-):
-    """Generate completions and top-k log-probs with the teacher; print the dataset URL."""
-    cfg = _build(**locals())
-    from kdgen.generate import run
-
-    print(run(cfg, "generate"))
-
-
-@app.command()
-def score(
-    prompts: str = typer.Option(..., help="File with prompts and completions to score (teacher-forced)."),
-    out: str = typer.Option(GenerateConfig.out, help=H("out")),
-    teacher: str = typer.Option(GenerateConfig.teacher, help=H("teacher")),
-    prompt_column: Optional[str] = typer.Option(None, help=H("prompt_column")),
-    completion_column: str = typer.Option(GenerateConfig.completion_column, help=H("completion_column")),
-    split: str = typer.Option(GenerateConfig.split, help=H("split")),
-    limit: Optional[int] = typer.Option(None, help=H("limit")),
-    backend: str = typer.Option(GenerateConfig.backend, help=H("backend")),
-    dtype: str = typer.Option(GenerateConfig.dtype, help=H("dtype")),
-    k: int = typer.Option(GenerateConfig.k, "--k", help=H("k")),
-    chat_template: str = typer.Option(GenerateConfig.chat_template, help=H("chat_template")),
-    append_eos: bool = typer.Option(GenerateConfig.append_eos, help=H("append_eos")),
-    shard_prompts: int = typer.Option(GenerateConfig.shard_prompts, help=H("shard_prompts")),
-    batch_size: int = typer.Option(GenerateConfig.batch_size, help=H("batch_size")),
-    gpu_memory_utilization: Optional[float] = typer.Option(None, help=H("gpu_memory_utilization")),
-):
-    """Teacher-forced top-k log-probs for given prompt + completion pairs (same row schema)."""
-    cfg = _build(**locals())
-    from kdgen.generate import run
-
-    print(run(cfg, "score"))
+# flags of `generate` only (sampling and slicing) and of `score` only (the given completions)
+SAMPLING = ("temperature", "top_p", "top_k", "max_new_tokens", "n", "seed", "shard_index", "num_shards")
+SCORING = ("completion_column", "append_eos")
+app.command("generate")(
+    config_command(GenerateConfig, _generate("generate"), "Generate completions and top-k log-probs with the teacher; print the dataset URL.", exclude=SCORING)
+)
+app.command("score")(
+    config_command(
+        GenerateConfig, _generate("score"), "Teacher-forced top-k log-probs for given prompt + completion pairs (same row schema).",
+        exclude=SAMPLING, helps={"prompts": "File with prompts and completions to score (teacher-forced)."},
+    )
+)
 
 
 @app.command("ls")
@@ -181,12 +143,12 @@ def merge(
     sources: list[str] = typer.Argument(None, help="Other machines' copies of the same OUT/<fingerprint>, to copy shards from."),
 ):
     """Commit a dataset written by several machines: gather shards, check them, write the manifest."""
-    from kdgen.generate import _summary
-    from kdgen.generate import merge as run_merge
     from kdcore.progress import console
+    from kdgen.commit import merge as run_merge
+    from kdgen.commit import summary
 
     m = run_merge(dataset, sources or [])
-    console.print(f"[green]merged:[/] {_summary(m)} -> {dataset}")
+    console.print(f"[green]merged:[/] {summary(m)} -> {dataset}")
 
 
 def _copy(src: str, dest: str) -> None:

@@ -6,23 +6,21 @@
     kdtrain map-report --data ds/<fp> --student gemma3-270m   # cross-tokenizer mapping, before training
     kdtrain recipes                                   # list the shipped YAML recipes
 
-The flags of `run` are generated from `kdtrain.config.TrainConfig` (one flag per field, its help
-from the field's docstring), so the config is the one registry of options. Trailing `key=value`
-arguments override anything (YAML scalars: `lr=1e-4 lora=true`). User errors print one line and
-exit 2. Test: `pytest tests/test_kdtrain_cli.py`.
+The flags of `run` are generated from `kdtrain.config.TrainConfig` by `kdcore.cli` (one flag per
+field, its help from the field's docstring), so the config is the one registry of options. Trailing
+`key=value` arguments override anything (YAML scalars: `lr=1e-4 lora=true`). User errors print one
+line and exit 2. Test: `pytest tests/test_kdtrain_config.py tests/test_cli.py`.
 """
 
 from __future__ import annotations
 
-import inspect
-import typing
-from dataclasses import MISSING, fields
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
+from kdcore.cli import config_command
 from kdcore.errors import KdError, run_cli
-from kdtrain.config import FIELD_TYPES, RECIPES, TrainConfig, load_config
+from kdtrain.config import RECIPES, TrainConfig, recipe_path, validate
 
 app = typer.Typer(
     name="kdtrain",
@@ -33,53 +31,18 @@ app = typer.Typer(
 )
 
 
-def _option(name: str, help: str):
-    """The typer parameter for one TrainConfig field: default None means 'not given'."""
-    t = FIELD_TYPES[name]
-    args = [a for a in typing.get_args(t) if a is not type(None)]
-    flag = "--" + name.replace("_", "-")
-    if typing.get_origin(t) is list:
-        annotation, decls = Optional[List[str]], [flag]
-    else:
-        base = args[0] if args else t
-        annotation = Optional[base]
-        decls = [f"{flag}/--no-{name.replace('_', '-')}"] if base is bool else [flag]
-    f = next(f for f in fields(TrainConfig) if f.name == name)
-    default = f.default_factory() if f.default_factory is not MISSING else f.default
-    shown = f" [default: {default}]" if default not in (None, "", []) else ""
-    return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, *decls, help=help + shown, show_default=False), annotation=annotation
-    )
-
-
-def _run(**kw) -> None:
-    recipe = kw.pop("config")
-    overrides = kw.pop("overrides") or []
-    cfg = load_config(recipe, kw, overrides)
+def _train(cfg: TrainConfig) -> str:
     from kdtrain.train import run
 
-    print(run(cfg))
+    return run(cfg)
 
 
-_run.__doc__ = "Train a student on teacher dataset(s); writes an HF checkpoint plus kd_config.json to --out."
-_run.__signature__ = inspect.Signature(
-    [
-        inspect.Parameter(
-            "overrides",
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            default=typer.Argument(None, help="key=value overrides, applied last (e.g. lr=1e-4 loss=jsd)."),
-            annotation=Optional[List[str]],
-        ),
-        inspect.Parameter(
-            "config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, "--config", "-c", help="YAML recipe: a file, or a name from `kdtrain recipes`."),
-            annotation=Optional[str],
-        ),
-        *(_option(f.name, f.metadata["help"]) for f in fields(TrainConfig)),
-    ]
+app.command("run")(
+    config_command(
+        TrainConfig, _train, "Train a student on teacher dataset(s); writes an HF checkpoint plus kd_config.json to --out.",
+        config_help="YAML recipe: a file, or a name from `kdtrain recipes`.", resolve_config=recipe_path, validate=validate,
+    )
 )
-app.command("run")(_run)
 
 
 @app.command("map-report")

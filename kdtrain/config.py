@@ -13,15 +13,12 @@ Test: `pytest tests/test_kdtrain_config.py` (every recipe parses and validates).
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from kdcore.cli import load
 from kdcore.config import doc_field as _f
-from kdcore.errors import ConfigError, KdError, collect
+from kdcore.errors import KdError, collect
 from kdcore.divergences import DIVERGENCES, TAILS, SparseKD
 from kdcore.vocab_map import VOCAB_MATCH
 
@@ -43,16 +40,16 @@ class TrainConfig:
     mode: str = _f("logit", "logit: sparse top-k KD (+ optional hard loss); text: SFT on the teacher's completions (any tokenizer pair).")
     loss: str = _f("fkl", "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl.")
     tail: str = _f("bucket", "bucket: top-k plus one tail bucket holding the remaining mass (unbiased); renorm: renormalise the top-k (biased, for comparison).")
-    top_k: int = _f(0, "Use only the N most likely of the stored top-k ids per position (0 = all k); the rest of their mass joins the tail bucket. Studies smaller k on one dataset.")
-    temperature: float = _f(1.0, "Softening temperature, applied to both sides' bucket log-probs; the loss is scaled by T^2.")
+    train_top_k: int = _f(0, "Use only the N most likely of the stored top-k ids per position (0 = all k); the rest of their mass joins the tail bucket. Studies smaller k on one dataset.", aliases=("top_k",))
+    kd_temperature: float = _f(1.0, "KD softening temperature, applied to both sides' bucket log-probs; the loss is scaled by T^2.", aliases=("temperature",))
     alpha: float = _f(0.1, "Skew weight of skl/srkl, in [0, 1): KL(p || a*p + (1-a)*q) (DistiLLM).")
     beta: float = _f(0.5, "JSD interpolation weight, in (0, 1): m = b*teacher + (1-b)*student.")
     kd_weight: float = _f(1.0, "Weight of the soft (KD) loss (logit mode).")
     ce_weight: float = _f(0.0, "Weight of the hard loss: cross-entropy on the teacher's sampled tokens (logit mode; text mode always uses 1). With a different student tokenizer: on the student's re-tokenisation of the teacher's text.")
     # cross-tokenizer logit KD (a student whose tokenizer differs from the teacher's)
-    chunk_ll_weight: float = _f(0.5, "Cross-tokenizer only: weight of the chunk-likelihood term, the divergence between the teacher's and the student's log-prob of each aligned chunk as {chunk, rest} (ALM, Minixhofer et al. 2025). --kd-weight weighs the sparse KD at chunk starts (mapped top-k + residual bucket), --ce-weight the student's cross-entropy.")
+    span_ll_weight: float = _f(0.5, "Cross-tokenizer only: weight of the span-likelihood term, the divergence between the teacher's and the student's log-prob of each aligned span as {span, rest} (ALM, Minixhofer et al. 2025). --kd-weight weighs the sparse KD at span starts (mapped top-k + residual bucket), --ce-weight the student's cross-entropy.", aliases=("chunk_ll_weight",))
     vocab_match: str = _f("prefix", "Cross-tokenizer only: how teacher ids map to student ids by bytes. exact: identical bytes only; prefix: else the longest student token the teacher token starts with. Unmapped mass joins the residual bucket.")
-    chunk_size: int = _f(0, "Tokens per LM-head chunk in the loss (0 = auto: about 128 MB of float32 logits per chunk).")
+    tile_size: int = _f(0, "Tokens per LM-head tile in the loss (0 = auto: about 128 MB of float32 logits per tile).", aliases=("chunk_size",))
     # sequences
     max_length: int | None = _f(None, "Longest prompt+completion in tokens. Default: the student's context length.")
     overflow: str = _f("truncate", "Sequences longer than --max-length: truncate (keep the start, warn) or refuse (error).")
@@ -90,13 +87,10 @@ class TrainConfig:
         return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
     def sparse_kd(self) -> SparseKD:
-        return SparseKD(loss=self.loss, tail=self.tail, temperature=self.temperature, alpha=self.alpha, beta=self.beta)
+        return SparseKD(loss=self.loss, tail=self.tail, temperature=self.kd_temperature, alpha=self.alpha, beta=self.beta)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
 
 
 def _flag(name: str) -> str:
@@ -117,20 +111,20 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--loss {cfg.loss}: unknown loss; choose one of {', '.join(DIVERGENCES)}")
     if cfg.tail not in TAILS:
         p.append(f"--tail {cfg.tail}: choose {' or '.join(TAILS)}")
-    if not (cfg.temperature > 0 and cfg.temperature <= 100):
-        p.append(f"--temperature {cfg.temperature}: must be in (0, 100]")
+    if not (cfg.kd_temperature > 0 and cfg.kd_temperature <= 100):
+        p.append(f"--kd-temperature {cfg.kd_temperature}: must be in (0, 100]")
     if not 0 <= cfg.alpha < 1:
         p.append(f"--alpha {cfg.alpha}: skew weight must be in [0, 1)")
     if not 0 < cfg.beta < 1:
         p.append(f"--beta {cfg.beta}: JSD weight must be in (0, 1)")
     if cfg.kd_weight < 0 or cfg.ce_weight < 0:
         p.append(f"--kd-weight {cfg.kd_weight} / --ce-weight {cfg.ce_weight}: weights must be >= 0")
-    if cfg.top_k < 0:
-        p.append(f"--top-k {cfg.top_k}: must be >= 0 (0 = all the stored top-k)")
-    if cfg.chunk_ll_weight < 0:
-        p.append(f"--chunk-ll-weight {cfg.chunk_ll_weight}: must be >= 0")
-    if cfg.mode == "logit" and cfg.kd_weight == 0 and cfg.ce_weight == 0 and cfg.chunk_ll_weight == 0:
-        p.append("--kd-weight, --ce-weight and --chunk-ll-weight are all 0: nothing to train on")
+    if cfg.train_top_k < 0:
+        p.append(f"--train-top-k {cfg.train_top_k}: must be >= 0 (0 = all the stored top-k)")
+    if cfg.span_ll_weight < 0:
+        p.append(f"--span-ll-weight {cfg.span_ll_weight}: must be >= 0")
+    if cfg.mode == "logit" and cfg.kd_weight == 0 and cfg.ce_weight == 0 and cfg.span_ll_weight == 0:
+        p.append("--kd-weight, --ce-weight and --span-ll-weight are all 0: nothing to train on")
     if cfg.vocab_match not in VOCAB_MATCH:
         p.append(f"--vocab-match {cfg.vocab_match}: choose {' or '.join(VOCAB_MATCH)}")
     if cfg.overflow not in OVERFLOW:
@@ -142,8 +136,8 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and v < 2:
             p.append(f"{_flag(name)} {v}: must be >= 2")
-    if cfg.chunk_size < 0:
-        p.append(f"--chunk-size {cfg.chunk_size}: must be >= 0 (0 = auto)")
+    if cfg.tile_size < 0:
+        p.append(f"--tile-size {cfg.tile_size}: must be >= 0 (0 = auto)")
     if cfg.lr <= 0:
         p.append(f"--lr {cfg.lr}: must be > 0")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -187,92 +181,6 @@ def recipe_path(name: str) -> Path:
     raise KdError(f"--config {name}: no such file, and no recipe of that name (recipes: {known})")
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Check and convert one value against the field's type; ValueError with a readable reason."""
-    t = FIELD_TYPES[name]
-    args = typing.get_args(t)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), t) if args and typing.get_origin(t) is not list else t
-    if value is None:
-        if optional:
-            return None
-        if base is str or typing.get_origin(base) is list:
-            return base() if base is str else []
-        raise ValueError("may not be empty")
-    if typing.get_origin(base) is list or base is list:
-        values = value if isinstance(value, list) else [value]
-        return [str(v) for v in values]
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "yes", "1", "on"):
-            return True
-        if str(value).lower() in ("false", "no", "0", "off"):
-            return False
-        raise ValueError(f"expected true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"expected an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected an integer, got {value!r}") from None
-    if base is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
-    return str(value)
-
-
-def _apply(values: dict, base: dict, where: str, problems: list[str]) -> None:
-    names = {f.name for f in fields(TrainConfig)}
-    for key, value in values.items():
-        key = str(key).replace("-", "_")
-        if key not in names:
-            near = [n for n in names if n.startswith(key[:3])]
-            hint = f" (did you mean {', '.join(sorted(near))}?)" if near else ""
-            problems.append(f"{where}: unknown option {key!r}{hint}")
-            continue
-        try:
-            base[key] = _coerce(key, value)
-        except ValueError as e:
-            problems.append(f"{where}: {key}: {e}")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """['lr=1e-4', 'lora=true'] -> {'lr': 1e-4, 'lora': True} (values read as YAML scalars)."""
-    out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError([f"override {item!r}: expected key=value, e.g. lr=1e-4"])
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = yaml.safe_load(v) if v.strip() else None
-        except yaml.YAMLError:
-            out[k.strip()] = v
-    return out
-
-
 def load_config(recipe: str | None = None, flags: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """defaults < recipe < flags < key=value overrides; raises ConfigError naming every problem."""
-    merged = TrainConfig().to_dict()
-    problems: list[str] = []
-    if recipe:
-        path = recipe_path(recipe)
-        try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise KdError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(doc, dict):
-            raise KdError(f"--config {path}: expected a mapping of option: value")
-        doc.pop("description", None)  # recipes may say what they are
-        _apply(doc, merged, str(path), problems)
-    _apply({k: v for k, v in (flags or {}).items() if v is not None}, merged, "flag", problems)
-    _apply(parse_overrides(overrides or []), merged, "override", problems)
-    collect(problems)
-    cfg = TrainConfig(**merged)
-    validate(cfg)
-    return cfg
+    return load(TrainConfig, recipe, flags, overrides, resolve_config=recipe_path, validate=validate)

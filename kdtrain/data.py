@@ -22,7 +22,7 @@ arrays directly: HF's per-row numpy formatting would cap loading at a few 100k t
     input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 on prompt and padding),
     topk_ids [B, L, k] int32 and topk_logprobs [B, L, k] float32 (zeros off the completion).
 
-Test: `pytest tests/test_kdtrain_data.py`.
+Test: `pytest tests/test_kdtrain_train.py`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The divergences themselves (buckets, tail, temperature, the seven divergences) l
 `kdcore.divergences`, shared with `kdeval`. This module adds the training-only part:
 
 `fused_sparse_kd` never materialises a [batch, time, vocab] tensor: it projects the hidden
-states through the LM head ``chunk`` tokens at a time, and computes the gradients of the hidden
-states and of the head weight inside the forward pass (one [chunk, V] tile alive at a time, no
+states through the LM head ``tile`` tokens at a time, and computes the gradients of the hidden
+states and of the head weight inside the forward pass (one [tile, V] block of logits alive at a time, no
 recomputation in the backward; the same trick as Liger's fused linear cross-entropy).
 `fused_kd_losses` also computes the cross-tokenizer span term (`kdcore.divergences.span_likelihood`)
 inside the same LM-head pass.
@@ -29,10 +29,10 @@ from kdcore.divergences import LOGITS_BUDGET, SparseKD, sparse_kd_per_token, spa
 # Fused with the LM head
 
 
-def _tiles(n: int, chunk: int, span_ids: Tensor | None):
-    """[a, b) tiles of about `chunk` positions; with span_ids, never cutting through a span."""
+def _tiles(n: int, tile: int, span_ids: Tensor | None):
+    """[a, b) tiles of about `tile` positions; with span_ids, never cutting through a span."""
     if span_ids is None:
-        yield from ((a, min(a + chunk, n)) for a in range(0, n, chunk))
+        yield from ((a, min(a + tile, n)) for a in range(0, n, tile))
         return
     ids = span_ids.detach().cpu()
     cut_ok = torch.ones(n + 1, dtype=torch.bool)  # cut_ok[p]: a tile may end before position p
@@ -40,23 +40,23 @@ def _tiles(n: int, chunk: int, span_ids: Tensor | None):
     cuts = torch.nonzero(cut_ok).flatten().tolist()
     a = 0
     while a < n:
-        want = min(a + chunk, n)
+        want = min(a + tile, n)
         i = bisect.bisect_right(cuts, want) - 1
         b = cuts[i] if cuts[i] > a else cuts[bisect.bisect_right(cuts, a)]
         yield a, b
         a = b
 
 
-def auto_chunk(vocab: int, chunk: int = 0) -> int:
-    """Tokens per [chunk, vocab] logits tile: `chunk` if > 0, else about LOGITS_BUDGET elements."""
-    return chunk if chunk > 0 else max(16, LOGITS_BUDGET // max(vocab, 1))
+def auto_tile(vocab: int, tile: int = 0) -> int:
+    """Tokens per [tile, vocab] logits tile: `tile` if > 0, else about LOGITS_BUDGET elements."""
+    return tile if tile > 0 else max(16, LOGITS_BUDGET // max(vocab, 1))
 
 
 class _FusedSparseKD(torch.autograd.Function):
     """See `fused_sparse_kd`. Gradients are computed in the forward and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, chunk, softcap, span_ids, span_logprobs, span_weight):
+    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, tile, softcap, span_ids, span_logprobs, span_weight):
         n_tok, vocab = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
@@ -67,7 +67,7 @@ class _FusedSparseKD(torch.autograd.Function):
         use_kd = kd_weight != 0.0 and topk_ids.shape[-1] > 0
         use_span = span_ids is not None and span_weight != 0.0
         w = weight
-        for a, b in _tiles(n_tok, chunk, span_ids if use_span else None):
+        for a, b in _tiles(n_tok, tile, span_ids if use_span else None):
             h = hidden[a:b]
             z = (h @ w.to(h.dtype).t()).float()  # [n, V]
             if softcap is not None:
@@ -136,7 +136,7 @@ def fused_sparse_kd(
     spec: SparseKD,
     ce_weight: float = 0.0,
     kd_weight: float = 1.0,
-    chunk: int = 0,
+    tile: int = 0,
     softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Hard + soft loss summed over tokens, straight from hidden states.
@@ -150,7 +150,7 @@ def fused_sparse_kd(
     returns: (ce_weight * ce_sum + kd_weight * kd_sum, kd_sum, ce_sum) — scalar sums over tokens;
              only the first carries gradient. Divide by the token count outside.
     """
-    return fused_kd_losses(hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, chunk, softcap)[:3]
+    return fused_kd_losses(hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, tile, softcap)[:3]
 
 
 def fused_kd_losses(
@@ -162,7 +162,7 @@ def fused_kd_losses(
     spec: SparseKD,
     ce_weight: float = 0.0,
     kd_weight: float = 1.0,
-    chunk: int = 0,
+    tile: int = 0,
     softcap: float | None = None,
     span_ids: Tensor | None = None,
     span_logprobs: Tensor | None = None,
@@ -170,14 +170,14 @@ def fused_kd_losses(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`fused_sparse_kd` plus the span-likelihood term of cross-tokenizer KD (`span_likelihood`).
 
-    span_ids:      [N] span (chunk) index of each position, -1 = in no span; a span's positions
+    span_ids:      [N] span index of each position, -1 = in no span; a span's positions
                    are contiguous (LM-head tiles are cut between spans, so each span's summed
                    log-prob is complete inside one tile).
     span_logprobs: [C] the teacher's log-prob of each span.
     returns: (total, kd_sum, ce_sum, span_sum); total = ce_weight*ce + kd_weight*kd + span_weight*span.
     """
-    chunk = auto_chunk(weight.shape[0], chunk)
+    tile = auto_tile(weight.shape[0], tile)
     return _FusedSparseKD.apply(
-        hidden, weight, labels, topk_ids, topk_logprobs, spec, float(ce_weight), float(kd_weight), chunk, softcap,
+        hidden, weight, labels, topk_ids, topk_logprobs, spec, float(ce_weight), float(kd_weight), tile, softcap,
         span_ids, span_logprobs, float(span_weight),
     )

@@ -7,8 +7,8 @@ completions exactly as cross-tokenizer training does (`kdtrain.crosstok`), and m
 
 * round trip — rows whose student tokens spell the teacher's text byte for byte (else those rows
   train on cross-entropy only);
-* shared-boundary coverage — teacher / student completion tokens that start a chunk (the
-  positions that get the sparse KD term), tokens per chunk;
+* shared-boundary coverage — teacher / student completion tokens that start a span (the
+  positions that get the sparse KD term), tokens per span;
 * teacher top-k mass at those positions — landing on a student id exactly, via prefix, or in the
   residual bucket (unmapped candidates + the tail outside the top-k); collisions (several
   candidates summed onto one student id);
@@ -70,7 +70,7 @@ def measure(data, ctx, limit: int | None = None) -> dict:
     n_ids = len(vm.student_id)
     classes = vocab_classes(ctx.teacher, n_ids)
     rows = rt = text_match = cut_rows = 0
-    t_pos = s_pos = t_first = s_first = chunks = one_to_one = 0
+    t_pos = s_pos = t_first = s_first = spans = one_to_one = 0
     mass = np.zeros(4)  # exact, prefix, unmapped (in top-k), tail
     by_class = np.zeros((len(CLASSES), 3))  # mass exact / prefix / unmapped per candidate class
     kd_positions = collide_pos = merged_away = 0
@@ -84,14 +84,14 @@ def measure(data, ctx, limit: int | None = None) -> dict:
             a0, a1 = b.offsets[i], b.offsets[i + 1]
             t_pos += a1 - a0
             s_pos += len(row.student_ids)
-            if not row.n_chunks:
+            if not row.n_spans:
                 continue
-            chunks += row.n_chunks
-            t_sizes = np.bincount(row.t_chunk[row.t_chunk >= 0], minlength=row.n_chunks)
-            s_sizes = np.bincount(row.s_chunk[row.s_chunk >= 0], minlength=row.n_chunks)
+            spans += row.n_spans
+            t_sizes = np.bincount(row.t_span[row.t_span >= 0], minlength=row.n_spans)
+            s_sizes = np.bincount(row.s_span[row.s_span >= 0], minlength=row.n_spans)
             one_to_one += int(((t_sizes == 1) & (s_sizes == 1)).sum())
-            t_first += row.n_chunks
-            s_first += row.n_chunks
+            t_first += row.n_spans
+            s_first += row.n_spans
             ids = b.topk_ids[a0:a1][row.t_first]  # [C, k]
             p = np.exp(b.topk_logprobs[a0:a1][row.t_first].astype(np.float64))
             safe = np.minimum(ids, n_ids - 1)
@@ -122,12 +122,12 @@ def measure(data, ctx, limit: int | None = None) -> dict:
         "coverage": {
             "teacher_tokens": int(t_pos),
             "student_tokens": int(s_pos),
-            "chunks": int(chunks),
+            "spans": int(spans),
             "teacher_shared_boundary": t_first / max(t_pos, 1),
             "student_shared_boundary": s_first / max(s_pos, 1),
-            "one_to_one_chunks": one_to_one / max(chunks, 1),
-            "teacher_tokens_per_chunk": t_pos / max(chunks, 1),
-            "student_tokens_per_chunk": s_pos / max(chunks, 1),
+            "one_to_one_spans": one_to_one / max(spans, 1),
+            "teacher_tokens_per_span": t_pos / max(spans, 1),
+            "student_tokens_per_span": s_pos / max(spans, 1),
         },
         "mass": {  # mean per KD position, of the teacher's whole distribution
             "exact": mass[0] / n,
@@ -211,8 +211,8 @@ def _print(r: dict, console) -> None:
         ("byte round trip (rows)", f"{r['round_trip_rate']:.1%}"),
         ("teacher positions at a shared boundary", f"{c['teacher_shared_boundary']:.1%}"),
         ("student positions at a shared boundary", f"{c['student_shared_boundary']:.1%}"),
-        ("1:1 chunks", f"{c['one_to_one_chunks']:.1%}"),
-        ("tokens per chunk (teacher / student)", f"{c['teacher_tokens_per_chunk']:.2f} / {c['student_tokens_per_chunk']:.2f}"),
+        ("1:1 spans", f"{c['one_to_one_spans']:.1%}"),
+        ("tokens per span (teacher / student)", f"{c['teacher_tokens_per_span']:.2f} / {c['student_tokens_per_span']:.2f}"),
         ("teacher mass mapped exactly", f"{m['exact']:.3f}"),
         ("teacher mass mapped via prefix", f"{m['prefix']:.3f}"),
         ("residual: unmapped top-k + tail", f"{m['unmapped']:.3f} + {m['tail']:.3f}"),

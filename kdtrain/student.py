@@ -9,7 +9,7 @@
   fewer layers, so it saves and loads like any checkpoint.
 
 The teacher, when needed, is `--teacher`, else the path the dataset manifest recorded.
-Test: `pytest tests/test_kdtrain_student.py`.
+Test: `pytest tests/test_kdtrain_train.py` (students from a spec, a config, teacher layers).
 """
 
 from __future__ import annotations

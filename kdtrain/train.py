@@ -38,16 +38,16 @@ def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> b
     """Whether the tokenizers match; KdError where the student cannot embed its own tokens."""
     same = same_tokenizer(data.manifest, student.tokenizer, student.embedding_rows)
     if cfg.mode == "logit" and same and cfg.kd_weight == 0 and cfg.ce_weight == 0:
-        raise KdError("--kd-weight and --ce-weight are both 0: nothing to train on (--chunk-ll-weight applies only to a student with a different tokenizer)")
+        raise KdError("--kd-weight and --ce-weight are both 0: nothing to train on (--span-ll-weight applies only to a student with a different tokenizer)")
     if not same and cfg.mode == "logit" and student.embedding_rows < len(student.tokenizer):
         raise KdError(
             f"the student has {student.embedding_rows:,} embedding rows but its tokenizer has {len(student.tokenizer):,} "
             f"tokens; resize the student's embeddings first"
         )
-    if cfg.top_k > data.k:
-        raise KdError(f"--top-k {cfg.top_k} exceeds the k={data.k} stored in the dataset; use at most {data.k} (0 = all)")
-    if cfg.top_k and cfg.mode == "logit" and not same:
-        raise KdError("--top-k applies to a student with the teacher's tokenizer; leave it at 0 for cross-tokenizer KD")
+    if cfg.train_top_k > data.k:
+        raise KdError(f"--train-top-k {cfg.train_top_k} exceeds the k={data.k} stored in the dataset; use at most {data.k} (0 = all)")
+    if cfg.train_top_k and cfg.mode == "logit" and not same:
+        raise KdError("--train-top-k applies to a student with the teacher's tokenizer; leave it at 0 for cross-tokenizer KD")
     if same and student.embedding_rows < len(student.tokenizer):
         raise KdError(
             f"the student has {student.embedding_rows:,} embedding rows but its tokenizer has {len(student.tokenizer):,} "
@@ -115,13 +115,12 @@ def check_parallel(trainer: KDTrainer, cfg: TrainConfig) -> None:
         )
 
 
-def training_args(cfg: TrainConfig, config_class=None, **extra):
-    """TRL arguments from a kdtrain config (`config_class`, a subclass of SFTConfig, and `extra`
-    fields let a benchmark build another TRL trainer on exactly the same settings)."""
+def training_args(cfg: TrainConfig):
+    """TRL's SFTConfig from a kdtrain config."""
     from trl import SFTConfig
 
     check_deepspeed(cfg)
-    return (config_class or SFTConfig)(
+    return SFTConfig(
         output_dir=cfg.out,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -155,7 +154,6 @@ def training_args(cfg: TrainConfig, config_class=None, **extra):
         remove_unused_columns=False,
         max_length=None,
         packing=False,
-        **extra,
     )
 
 
@@ -234,9 +232,9 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
     if cross is not None:
         record["crosstok"] = {"vocab_map": cross.vmap.summary(cross.teacher), "vocab_match": cfg.vocab_match, **prepared.stats}
     if cfg.mode == "logit":
-        kd_loss = KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.chunk_size, cfg.chunk_ll_weight if cross else 0.0, cfg.top_k)
+        kd_loss = KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.tile_size, cfg.span_ll_weight if cross else 0.0, cfg.train_top_k)
     else:
-        kd_loss = KDLoss(cfg.sparse_kd(), 1.0, 0.0, cfg.chunk_size)
+        kd_loss = KDLoss(cfg.sparse_kd(), 1.0, 0.0, cfg.tile_size)
     collator_cls = CrossKDCollator if cross is not None else KDCollator
     trainer = KDTrainer(
         model=student.model,

@@ -12,8 +12,8 @@ tests/test_kdtrain_train.py). What this adds:
   num_items_in_batch counts the label tokens of the whole optimizer step (every micro-batch and
   every process), so gradient accumulation and data parallelism give the loss of the big batch.
   In text mode the same path runs with kd_weight = 0 and ce_weight = 1. With a cross-tokenizer
-  batch (`chunk_ids` from `kdtrain.crosstok.CrossKDCollator`) the chunk-likelihood sum joins in.
-* logs `ce`, `kd`, `chunk` (cross-tokenizer only), `total` (per-token means over the logging window) and `tokens_per_s`
+  batch (`span_ids` from `kdtrain.crosstok.CrossKDCollator`) the span-likelihood sum joins in.
+* logs `ce`, `kd`, `span` (cross-tokenizer only), `total` (per-token means over the logging window) and `tokens_per_s`
   (sequence tokens, prompts included, per wall second, all processes).
 * writes `kd_config.json` into every checkpoint.
 
@@ -45,8 +45,8 @@ class KDLoss:
     spec: SparseKD
     ce_weight: float
     kd_weight: float
-    chunk_size: int = 0
-    span_weight: float = 0.0  # chunk-likelihood term (cross-tokenizer batches only)
+    tile_size: int = 0
+    span_weight: float = 0.0  # span-likelihood term (cross-tokenizer batches only)
     top_k: int = 0  # use the first top_k of the stored (descending) top-k; 0 = all
 
 
@@ -56,7 +56,7 @@ class KDOutput:
     kd_sum: torch.Tensor  # scalar sums over the scored tokens (no grad)
     ce_sum: torch.Tensor
     n_tokens: torch.Tensor
-    span_sum: torch.Tensor | None = None  # chunk-likelihood sum (cross-tokenizer batches)
+    span_sum: torch.Tensor | None = None  # span-likelihood sum (cross-tokenizer batches)
 
 
 def attach_kd_head(model, loss: KDLoss) -> None:
@@ -88,11 +88,11 @@ def attach_kd_head(model, loss: KDLoss) -> None:
             ids = torch.zeros((h.shape[0], 0), dtype=torch.long, device=h.device)
             lps = torch.zeros((h.shape[0], 0), dtype=torch.float32, device=h.device)
         span_ids = span_lps = None
-        if "chunk_ids" in kd_targets and loss.span_weight:
-            span_ids = kd_targets["chunk_ids"][:, 1:][mask].to(h.device)
-            span_lps = kd_targets["chunk_logprobs"].reshape(-1).float().to(h.device)
+        if "span_ids" in kd_targets and loss.span_weight:
+            span_ids = kd_targets["span_ids"][:, 1:][mask].to(h.device)
+            span_lps = kd_targets["span_logprobs"].reshape(-1).float().to(h.device)
         total, kd_sum, ce_sum, span_sum = fused_kd_losses(
-            h, weight, labels[mask].to(h.device), ids, lps, loss.spec, loss.ce_weight, loss.kd_weight, loss.chunk_size, softcap,
+            h, weight, labels[mask].to(h.device), ids, lps, loss.spec, loss.ce_weight, loss.kd_weight, loss.tile_size, softcap,
             span_ids, span_lps, loss.span_weight,
         )
         return KDOutput(total, kd_sum, ce_sum, mask.sum(), span_sum)
@@ -113,7 +113,7 @@ class KDTrainer(SFTTrainer):
         self._kd_clock: float | None = None  # started by the first training micro-batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "chunk_ids", "chunk_logprobs") if k in inputs}
+        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "span_ids", "span_logprobs") if k in inputs}
         out: KDOutput = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_targets=targets)
         denom = out.n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = out.total / denom
@@ -144,7 +144,7 @@ class KDTrainer(SFTTrainer):
             logs["ce"] = round(ce, 6)
             span = acc[4].item() / n
             if self.kd_loss.span_weight:
-                logs["chunk"] = round(span, 6)
+                logs["span"] = round(span, 6)
             logs["total"] = round(self.kd_loss.ce_weight * ce + self.kd_loss.kd_weight * kd + self.kd_loss.span_weight * span, 6)
             logs["tokens_per_s"] = round(acc[3].item() / max(now - (self._kd_clock or now), 1e-9), 1)
             self._kd_acc.zero_()

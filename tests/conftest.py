@@ -85,3 +85,30 @@ def prompts_file(tmp_path) -> str:
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    from transformers import AutoTokenizer
+
+    from kdcore.models import resolve
+
+    return AutoTokenizer.from_pretrained(resolve("gemma3-270m").path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer):
+    """The kdtrain tests' world: teacher (2 layers), another tiny student, 12 prompts and the
+    teacher's dataset (k=8). Module-scoped: one per test module that asks for it."""
+    import json
+
+    from kdtrain_helpers import generate_dataset, peaky_model
+
+    root = tmp_path_factory.mktemp("kdtrain")
+    rows = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:12]]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
+    teacher = peaky_model(root / "teacher", tokenizer, seed=0)
+    student = peaky_model(root / "student", tokenizer, seed=1, layers=1)
+    data = generate_dataset(prompts, root / "datasets", teacher)
+    return {"root": root, "prompts": prompts, "teacher": teacher, "student": student, "data": data}

@@ -20,7 +20,6 @@ import torch
 
 from conftest import build_tiny_model
 from kdeval_helpers import assert_user_error, build_peaked_model, kdeval_cli, perturb
-from test_kdtrain_crosstok import gemma_tokenizer  # noqa: F401  (session fixture)
 
 PAIRS = [
     ("Describe a fox.", "The quick brown fox jumps over the lazy dog. It wasn't amused!"),

@@ -1,6 +1,10 @@
 """Concurrency (issue 7, item 4): two `kdgen generate` processes on the same request and root split
 the shards through per-shard claims and never corrupt each other; the lock files behave on local
-disks and S3 (exclusive create, stale locks of dead processes broken at once, live ones respected).
+disks, S3 and GCS (exclusive create, stale locks of dead processes broken at once, live ones
+respected). On GCS exclusive create is an upload with `ifGenerationMatch=0`, which GCS refuses with
+412 when the object exists and gcsfs raises as FileExistsError; run against the loopback GCS
+emulator (tests/kdgen_gcs.py). Generate, resume, cache hit, `kdgen ls`, `kdgen verify`, push/pull
+and `kdtrain run` on s3:// and gs:// are the store tests of tests/test_kdgen_store.py.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from kdcore import format as fmt
 from kdgen import locks
 from kdgen.locks import FileLock
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401
+from kdgen_gcs import gcs_server  # noqa: F401  (fixture)
 from kdgen_s3 import s3_server  # noqa: F401  (fixture)
 from kdgen_store_helpers import KDGEN, child_env, cli_args, small_config
 
@@ -40,11 +45,12 @@ def test_two_processes_on_one_request_split_the_work(tmp_path, tiny_model_dir):
         assert (Path(url) / "data" / name).read_bytes() == (Path(single) / "data" / name).read_bytes()
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gcs"])
 def store(request, tmp_path):
+    """A dataset directory on a local disk, in a new S3 bucket or in a new GCS bucket."""
     if request.param == "local":
         return str(tmp_path / "ds")
-    return request.getfixturevalue("s3_server")() + "/ds"
+    return request.getfixturevalue(f"{request.param}_server")() + "/ds"
 
 
 def test_lock_is_exclusive_and_released(store):

@@ -15,7 +15,7 @@ import pytest
 
 from kdcore import format as fmt
 from kdcore.errors import KdError
-from kdgen.generate import finalize
+from kdgen.commit import finalize
 from kdcore.prompts import Prompt
 from kdcore.verify import check_table, verify
 

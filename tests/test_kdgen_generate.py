@@ -426,7 +426,9 @@ def test_writes_to_an_fsspec_url(base):
 
 
 def test_fingerprint_depends_on_rows_not_on_logistics(base, tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(gen, "load_teacher", functools.cache(gen.load_teacher))  # tokenizer loads once
+    import kdgen.plan
+
+    monkeypatch.setattr(kdgen.plan, "load_teacher", functools.cache(kdgen.plan.load_teacher))  # tokenizer loads once
     fp = lambda cfg: gen.prepare(cfg).fingerprint  # noqa: E731
     assert fp(base.cfg) == base.fingerprint
     same = [

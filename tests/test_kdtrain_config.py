@@ -36,7 +36,7 @@ def test_recipe_by_path_and_by_repo_relative_name():
 
 def test_precedence_defaults_recipe_flags_overrides():
     cfg = load_config("kd", {**NEEDED, "temperature": 3.0, "lr": 1e-3}, ["lr=1e-4", "lora=true", "max_length=64"])
-    assert cfg.temperature == 3.0  # flag beats recipe (2.0)
+    assert cfg.kd_temperature == 3.0  # flag (old spelling, a hidden alias) beats recipe (2.0)
     assert cfg.lr == 1e-4  # override beats flag
     assert cfg.lora is True and cfg.max_length == 64
     assert cfg.ce_weight == 0.5  # from the recipe
@@ -48,7 +48,7 @@ def test_precedence_defaults_recipe_flags_overrides():
         (["loss=kl2"], "--loss kl2: unknown loss"),
         (["alpha=1.5"], "--alpha 1.5"),
         (["beta=0"], "--beta 0.0"),
-        (["temperature=0"], "--temperature 0.0"),
+        (["temperature=0"], "--kd-temperature 0.0"),
         (["tail=top"], "--tail top"),
         (["mode=dense"], "--mode dense"),
         (["batch_size=0"], "--batch-size 0"),
@@ -78,7 +78,7 @@ def test_cli_prints_one_line_and_exits_2(monkeypatch, capsys):
         main()
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--loss nope" in err and "--temperature -1.0" in err
+    assert err.count("\n") == 0 and "--loss nope" in err and "--kd-temperature -1.0" in err
 
 
 def test_cli_help_comes_from_the_config(monkeypatch, capsys):

@@ -10,19 +10,17 @@ Only tokenizers are loaded; nothing is downloaded.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
-from kdcore.align import chunk_alignment, first_of_chunk, merge_candidates
+from kdcore.align import first_of_span, merge_candidates, span_alignment
 from kdcore.divergences import DIVERGENCES, SparseKD, span_likelihood
 from kdtrain.losses import fused_kd_losses
 from kdcore.vocab_map import EXACT, NONE, PREFIX, TokenBytes, VocabMap
-from test_kdtrain_losses import ALPHA, BETA, _dense_divergence
+from kdtrain_helpers import ALPHA, BETA, dense_divergence, tiny_byte_level, tiny_sentencepiece
 
 TEXTS = {
     "prose": "The quick brown fox jumps over the lazy dog. It wasn't, however, amused!",
@@ -31,53 +29,6 @@ TEXTS = {
     "non_ascii": "Café, naïve, Größe — “quotes” ✓ 😀👍🏽 中文字符 Привет мир ☃ e\u0301 \u200b",
     "whitespace": "  leading\n\n\n  runs   of    spaces\t\ttabs \r\n end ",
 }
-
-
-def _train_text() -> list[str]:
-    return [json.loads(line)["messages"][-1]["content"] for line in (REPO / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def tiny_byte_level(vocab: int = 300):
-    """A small byte-level BPE (GPT-2 style) trained here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(_train_text(), trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
-
-
-def tiny_sentencepiece(vocab: int = 500):
-    """A small SentencePiece-style BPE trained here: `▁` for spaces with a dummy prefix, and
-    `<0xNN>` byte-fallback tokens for everything outside its pieces."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tk.train_from_iterator(_train_text(), trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "</s>"]))
-    spec = json.loads(tk.to_str())
-    vocab_map = dict(spec["model"]["vocab"])
-    for b in range(256):
-        vocab_map.setdefault(f"<0x{b:02X}>", len(vocab_map))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["model"]["merges"]]
-    tk2 = Tokenizer(models.BPE(vocab=vocab_map, merges=merges, byte_fallback=True, unk_token="<unk>"))
-    tk2.add_special_tokens(["<unk>", "</s>"])
-    tk2.normalizer = normalizers.Sequence([])
-    tk2.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tk2.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first"), decoders.ByteFallback(), decoders.Fuse()])
-    return PreTrainedTokenizerFast(tokenizer_object=tk2, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
-
-
-@pytest.fixture(scope="session")
-def gemma_tokenizer():
-    from transformers import AutoTokenizer
-
-    from kdcore.models import resolve
-
-    return AutoTokenizer.from_pretrained(resolve("gemma3-270m").path)
 
 
 @pytest.fixture(scope="session")
@@ -178,7 +129,7 @@ def test_same_tokenizer_maps_to_itself(tokenizers_):
     assert (vm.student_id[normal] == np.arange(tb.size)[normal]).all()
     text = TEXTS["prose"]
     ids = _enc(tok, text)
-    tc, sc, n = chunk_alignment(tb.lengths[ids], tb.lengths[ids])
+    tc, sc, n = span_alignment(tb.lengths[ids], tb.lengths[ids])
     assert n == len(ids) and (tc == np.arange(n)).all() and (sc == tc).all()
 
 
@@ -196,7 +147,7 @@ def test_chunks_span_the_same_bytes(tokenizers_, pair):
         # both sides end with their EOS: a final chunk of its own
         ia, ib = np.append(ia, a.roles["eos"]), np.append(ib, b.roles["eos"])
         la, lb = np.append(la, 0), np.append(lb, 0)
-        tc, sc, n = chunk_alignment(la, lb)
+        tc, sc, n = span_alignment(la, lb)
         assert (tc >= 0).all() and (sc >= 0).all()
         assert (np.diff(tc) >= 0).all() and (np.diff(sc) >= 0).all()
         ea, eb = np.cumsum(la), np.cumsum(lb)
@@ -205,12 +156,12 @@ def test_chunks_span_the_same_bytes(tokenizers_, pair):
         assert spans_a == spans_b and b"".join(spans_a) == raw
         assert tc[-1] == sc[-1] == n - 1 and (tc == n - 1).sum() == 1  # the EOS pair
         # the first token of each chunk starts at the same byte on both sides: same prefix
-        fa, fb = first_of_chunk(tc, n), first_of_chunk(sc, n)
+        fa, fb = first_of_span(tc, n), first_of_span(sc, n)
         assert ((ea - la)[fa] == (eb - lb)[fb]).all()
 
 
 def test_one_sided_chunk_is_dropped():
-    tc, sc, n = chunk_alignment(np.array([2, 3, 0]), np.array([1, 4]))  # teacher EOS, student none
+    tc, sc, n = span_alignment(np.array([2, 3, 0]), np.array([1, 4]))  # teacher EOS, student none
     assert n == 1 and tc.tolist() == [0, 0, -1] and sc.tolist() == [0, 0]
 
 
@@ -229,7 +180,7 @@ def test_merge_candidates_sums_collisions_and_drops_unmapped():
 
 def _dense(t: np.ndarray, s: np.ndarray, loss: str) -> float:
     """The loss tests' textbook divergence on one pair of probability vectors (float64)."""
-    return float(_dense_divergence(torch.tensor(t)[None], torch.tensor(s)[None], loss)[0])
+    return float(dense_divergence(torch.tensor(t)[None], torch.tensor(s)[None], loss)[0])
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +221,7 @@ def test_residual_bucket_matches_dense_reference(small_pair, loss):
     spec = SparseKD(loss=loss, alpha=ALPHA, beta=BETA)
     labels = torch.zeros(len(hidden), dtype=torch.long)
     h = hidden.clone().requires_grad_(True)
-    total, kd_sum, _, _ = fused_kd_losses(h, weight, labels, torch.from_numpy(ids), torch.from_numpy(lps), spec, 0.0, 1.0, chunk=4)
+    total, kd_sum, _, _ = fused_kd_losses(h, weight, labels, torch.from_numpy(ids), torch.from_numpy(lps), spec, 0.0, 1.0, tile=4)
     # dense reference: full teacher distribution, coarse-grained onto the student ids its top-k maps to
     q = torch.softmax((hidden @ weight.t()).double(), -1).numpy()
     ref = 0.0

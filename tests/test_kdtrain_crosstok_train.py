@@ -15,8 +15,7 @@ import torch
 
 from conftest import REPO
 from kdtrain.config import load_config
-from test_kdtrain_crosstok import gemma_tokenizer, tiny_byte_level  # noqa: F401  (session fixture)
-from test_kdtrain_train import _generate, _peaky_model
+from kdtrain_helpers import generate_dataset, peaky_model, tiny_byte_level
 
 
 def _student(out: Path, tok, tie: bool = True) -> str:
@@ -38,8 +37,8 @@ def xworld(tmp_path_factory, tokenizer, gemma_tokenizer):  # noqa: F811
     rows = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:8]]
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
-    teacher = _peaky_model(root / "teacher", tokenizer, seed=0)
-    data = _generate(prompts, root / "datasets", teacher)
+    teacher = peaky_model(root / "teacher", tokenizer, seed=0)
+    data = generate_dataset(prompts, root / "datasets", teacher)
     return {
         "root": root,
         "teacher": teacher,
@@ -49,7 +48,7 @@ def xworld(tmp_path_factory, tokenizer, gemma_tokenizer):  # noqa: F811
     }
 
 
-def _cfg(xworld, out: Path, student: str, **kw):
+def xtok_cfg(xworld, out: Path, student: str, **kw):
     flags = {"data": [xworld["data"]], "student": student, "out": str(out), "lr": 3e-3, "batch_size": 4, "warmup_ratio": 0.0, "logging_steps": 1, "save_steps": 2, "max_steps": 2}
     flags.update(kw)
     return load_config("cross_family", flags)
@@ -59,16 +58,16 @@ def test_gemma_student_batch_targets(xworld, tmp_path):
     """Targets sit at chunk starts only, in student ids; the forward gives finite KD, CE and chunk terms."""
     from kdtrain.train import build_trainer
 
-    trainer = build_trainer(_cfg(xworld, tmp_path / "g", xworld["gemma_student"]))
+    trainer = build_trainer(xtok_cfg(xworld, tmp_path / "g", xworld["gemma_student"]))
     ex = trainer.data_collator.examples
     assert ex.stats["kd_positions"] > 0 and ex.stats["unaligned_rows"] == 0
     batch = trainer.data_collator([{"row": i} for i in range(4)])
     scored = batch["labels"] != -100  # the collator leaves zeros (unused) off the completion
     kd_pos = torch.isfinite(batch["topk_logprobs"]).any(-1) & scored
-    first = batch["chunk_ids"] >= 0
-    first[:, 1:] &= batch["chunk_ids"][:, 1:] != batch["chunk_ids"][:, :-1]
+    first = batch["span_ids"] >= 0
+    first[:, 1:] &= batch["span_ids"][:, 1:] != batch["span_ids"][:, :-1]
     assert kd_pos.sum() > 0 and (kd_pos == first).all()  # targets exactly at the first token of each chunk
-    assert ((batch["chunk_ids"] >= 0) <= scored).all()
+    assert ((batch["span_ids"] >= 0) <= scored).all()
     assert batch["topk_ids"].max() < 262144
     # teacher mass at a KD position never exceeds 1 after summing collisions
     mass = batch["topk_logprobs"].exp().sum(-1)[scored]
@@ -82,13 +81,13 @@ def test_cross_family_run_and_resume(xworld, tmp_path):
     from kdtrain.train import run
 
     out = tmp_path / "bpe"
-    run(_cfg(xworld, out, xworld["bpe_student"], max_steps=2))
+    run(xtok_cfg(xworld, out, xworld["bpe_student"], max_steps=2))
     record = json.loads((out / "kd_config.json").read_text())
-    assert record["tokenizer"] == "different" and record["config"]["chunk_ll_weight"] == 0.5
+    assert record["tokenizer"] == "different" and record["config"]["span_ll_weight"] == 0.5
     assert record["crosstok"]["kd_positions"] > 0 and record["crosstok"]["vocab_map"]["teacher_vocab"] == 49152
     last = record["log_history"][-1]
-    assert all(last[k] > 0 and math.isfinite(last[k]) for k in ("kd", "ce", "chunk"))
-    run(_cfg(xworld, out, xworld["bpe_student"], max_steps=3))  # resumes from checkpoint-2
+    assert all(last[k] > 0 and math.isfinite(last[k]) for k in ("kd", "ce", "span"))
+    run(xtok_cfg(xworld, out, xworld["bpe_student"], max_steps=3))  # resumes from checkpoint-2
     assert json.loads((out / "kd_config.json").read_text())["global_step"] == 3
 
 
@@ -97,7 +96,7 @@ def test_teacher_tokenizer_must_match_dataset(xworld, tmp_path):
     from kdtrain.train import build_trainer
 
     with pytest.raises(KdError, match="not the one the dataset was written with"):
-        build_trainer(_cfg(xworld, tmp_path / "x", xworld["bpe_student"], teacher=xworld["gemma_student"]))
+        build_trainer(xtok_cfg(xworld, tmp_path / "x", xworld["bpe_student"], teacher=xworld["gemma_student"]))
 
 
 def test_map_report_cli(xworld, tmp_path):

@@ -10,32 +10,9 @@ import torch
 
 from kdcore.divergences import DIVERGENCES, SparseKD
 from kdtrain.losses import fused_sparse_kd
+from kdtrain_helpers import ALPHA, BETA, dense_divergence
 
 V, H, N = 40, 8, 9
-ALPHA, BETA = 0.1, 0.3
-
-
-def _dense_divergence(p: torch.Tensor, q: torch.Tensor, loss: str) -> torch.Tensor:
-    """Textbook formulas on probabilities. p = teacher, q = student: [N, K] -> [N]."""
-    kl = lambda a, b: (a * (a.log() - b.log())).sum(-1)  # noqa: E731
-    if loss == "fkl":
-        return kl(p, q)
-    if loss == "rkl":
-        return kl(q, p)
-    if loss == "skl":
-        return kl(p, ALPHA * p + (1 - ALPHA) * q)
-    if loss == "srkl":
-        return kl(q, (1 - ALPHA) * p + ALPHA * q)
-    if loss == "jsd":
-        m = BETA * p + (1 - BETA) * q
-        return BETA * kl(p, m) + (1 - BETA) * kl(q, m)
-    if loss == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if loss == "symkl":
-        return kl(p, q) + kl(q, p)
-    raise AssertionError(loss)
-
-
 def _temper(probs: torch.Tensor, tau: float) -> torch.Tensor:
     x = probs.pow(1.0 / tau)
     return x / x.sum(-1, keepdim=True)
@@ -51,7 +28,7 @@ def _reference(logits, teacher_logp, ids, labels, loss, tail, tau, ce_weight):
         q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=1e-10)], -1)
     else:
         p, q = p_top / p_top.sum(-1, keepdim=True), q_top / q_top.sum(-1, keepdim=True)
-    kd = _dense_divergence(_temper(p, tau), _temper(q, tau), loss) * tau**2
+    kd = dense_divergence(_temper(p, tau), _temper(q, tau), loss) * tau**2
     ce = -q_full.log().gather(1, labels[:, None]).squeeze(1)
     return ce_weight * ce.sum() + kd.sum(), kd.sum()
 
@@ -74,7 +51,7 @@ def test_sparse_matches_dense_reference(loss, tail, k, tau):
     hidden, weight, teacher_logp, ids, vals, labels = _setup(k)
     spec = SparseKD(loss=loss, tail=tail, temperature=tau, alpha=ALPHA, beta=BETA)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    total, kd, ce = fused_sparse_kd(h1, w1, labels, ids, vals, spec, ce_weight=0.3, kd_weight=1.0, chunk=4)
+    total, kd, ce = fused_sparse_kd(h1, w1, labels, ids, vals, spec, ce_weight=0.3, kd_weight=1.0, tile=4)
     total.backward()
     h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     ref_total, ref_kd = _reference(h2 @ w2.t(), teacher_logp, ids, labels, loss, tail, tau, 0.3)
@@ -90,7 +67,7 @@ def test_k_equals_vocab_is_the_dense_divergence(loss):
     """k = V: the bucketed loss is the plain full-vocabulary divergence (the tail holds nothing)."""
     hidden, weight, teacher_logp, ids, vals, labels = _setup(V, seed=1)
     _, kd, _ = fused_sparse_kd(hidden, weight, labels, ids, vals, SparseKD(loss=loss, alpha=ALPHA, beta=BETA))
-    dense = _dense_divergence(teacher_logp.double().exp(), (hidden @ weight.t()).double().softmax(-1), loss).sum()
+    dense = dense_divergence(teacher_logp.double().exp(), (hidden @ weight.t()).double().softmax(-1), loss).sum()
     assert kd.item() == pytest.approx(dense.item(), rel=1e-4, abs=1e-5)
 
 
@@ -108,7 +85,7 @@ def test_bucket_and_renorm_differ_and_bucket_is_a_lower_bound():
     hidden, weight, teacher_logp, ids, vals, labels = _setup(4, seed=3)
     _, kd_bucket, _ = fused_sparse_kd(hidden, weight, labels, ids, vals, SparseKD(tail="bucket"))
     _, kd_renorm, _ = fused_sparse_kd(hidden, weight, labels, ids, vals, SparseKD(tail="renorm"))
-    full = _dense_divergence(teacher_logp.double().exp(), (hidden @ weight.t()).double().softmax(-1), "fkl").sum()
+    full = dense_divergence(teacher_logp.double().exp(), (hidden @ weight.t()).double().softmax(-1), "fkl").sum()
     assert kd_bucket.item() <= full.item() + 1e-5
     assert not math.isclose(kd_bucket.item(), kd_renorm.item(), rel_tol=1e-3)
 
@@ -128,7 +105,7 @@ def test_chunking_does_not_change_the_result():
     outs = []
     for chunk in (1, 4, 1000):
         h = hidden.clone().requires_grad_()
-        total, _, _ = fused_sparse_kd(h, weight, labels, ids, vals, SparseKD(loss="jsd"), ce_weight=0.5, chunk=chunk)
+        total, _, _ = fused_sparse_kd(h, weight, labels, ids, vals, SparseKD(loss="jsd"), ce_weight=0.5, tile=chunk)
         total.backward()
         outs.append((total.detach(), h.grad))
     for t, g in outs[1:]:

@@ -28,7 +28,7 @@ import torch
 
 from conftest import REPO
 from kdcore.errors import KdError
-from test_kdtrain_train import _cfg, _grads_after_one_step, world  # noqa: F401  (world: the teacher dataset fixture)
+from kdtrain_helpers import grads_after_one_step, train_cfg
 
 LAUNCH_FLAGS = ["max_steps=3", "batch_size=2", "logging_steps=1", "save_steps=2", "lr=3e-3"]
 
@@ -151,7 +151,7 @@ def test_bf16_trains_on_cpu_under_autocast(world, tmp_path):
     first = {}
     for bf16 in (False, True):
         out = tmp_path / f"bf16-{bf16}"
-        run(_cfg(world, out, bf16=bf16, max_steps=2, logging_steps=1, save_steps=2), callbacks=[Watch()] if bf16 else None)
+        run(train_cfg(world, out, bf16=bf16, max_steps=2, logging_steps=1, save_steps=2), callbacks=[Watch()] if bf16 else None)
         record = json.loads((out / "kd_config.json").read_text())
         first[bf16] = record["log_history"][0]["loss"]
     assert dtypes == {torch.bfloat16}
@@ -184,7 +184,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(world, tmp_path, monkey
 
         monkeypatch.setattr(train, "training_args", args)
         calls.clear()
-        g = _grads_after_one_step(world, tmp_path / name, **kw)
+        g = grads_after_one_step(world, tmp_path / name, **kw)
         assert len(calls) == (2 if kw.get("gradient_checkpointing") else 1), name  # the 1-block student's forward, + its recompute
         return g
 
@@ -205,7 +205,7 @@ def test_report_to_tensorboard(world, tmp_path):
     from kdtrain.train import run
 
     out = tmp_path / "tb"
-    run(_cfg(world, out, report_to="tensorboard", max_steps=2, logging_steps=1, save_steps=100))
+    run(train_cfg(world, out, report_to="tensorboard", max_steps=2, logging_steps=1, save_steps=100))
     events = list(out.glob("runs/*/events.out.tfevents.*"))
     assert len(events) == 1
     acc = EventAccumulator(str(events[0].parent))
@@ -224,20 +224,20 @@ def test_launch_and_logger_errors_are_one_line(world, tmp_path, monkeypatch):
     from kdtrain.train import build_trainer
 
     with pytest.raises(KdError, match="--report-to nosuch: unknown logger"):
-        build_trainer(_cfg(world, tmp_path / "o", report_to="nosuch"))
+        build_trainer(train_cfg(world, tmp_path / "o", report_to="nosuch"))
     monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: [])
     with pytest.raises(KdError, match=r"--report-to tensorboard: its package is not installed here \(pip install tensorboard\)"):
-        build_trainer(_cfg(world, tmp_path / "o", report_to="tensorboard"))
+        build_trainer(train_cfg(world, tmp_path / "o", report_to="tensorboard"))
     with pytest.raises(KdError, match="--deepspeed .*: no such file"):
-        build_trainer(_cfg(world, tmp_path / "o", deepspeed=str(tmp_path / "ds.json")))
+        build_trainer(train_cfg(world, tmp_path / "o", deepspeed=str(tmp_path / "ds.json")))
     if importlib.util.find_spec("deepspeed") is None:
         (tmp_path / "ds.json").write_text("{}")
         with pytest.raises(KdError, match="the deepspeed package is not installed"):
-            build_trainer(_cfg(world, tmp_path / "o", deepspeed=str(tmp_path / "ds.json")))
+            build_trainer(train_cfg(world, tmp_path / "o", deepspeed=str(tmp_path / "ds.json")))
     # `accelerate launch --use_fsdp` on CPU: accelerate drops FSDP; kdtrain says so instead of training without it
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(KdError, match=r"FSDP requested, but accelerate set up NO over 1 process\(es\) on cpu: .* --multi_gpu"):
-        build_trainer(_cfg(world, tmp_path / "o"))
+        build_trainer(train_cfg(world, tmp_path / "o"))
 
 
 # ---------------------------------------------------------------------------------------------- slow

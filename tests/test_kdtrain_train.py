@@ -16,56 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, build_tiny_model
+from conftest import REPO
 from kdcore.errors import KdError
-from kdtrain.config import load_config
-
-MAX_NEW = 16
-
-
-def _peaky_model(out: Path, tokenizer, seed: int, layers: int = 2, vocab_rows: int | None = None) -> str:
-    """A tiny Llama with an untied, large LM head: peaked next-token distributions that depend on
-    the context (with tied embeddings a random model just repeats its input token), so KD has signal."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    build_tiny_model(out, tokenizer, seed=seed, layers=layers)
-    config = AutoConfig.from_pretrained(out)
-    config.tie_word_embeddings = False
-    if vocab_rows:
-        config.vocab_size = vocab_rows
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
-    model.save_pretrained(out)
-    return str(out)
-
-
-def _generate(prompts: Path, out: Path, teacher: str, k: int = 8) -> str:
-    from kdgen.generate import GenerateConfig, run
-
-    cfg = GenerateConfig(prompts=str(prompts), out=str(out), teacher=teacher, backend="hf", max_new_tokens=MAX_NEW, k=k, temperature=0.0)
-    return run(cfg, "generate")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tokenizer):
-    """Teacher (2 layers), another tiny student, 12 prompts and the teacher's dataset (k=8)."""
-    root = tmp_path_factory.mktemp("kdtrain")
-    rows = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:12]]
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
-    teacher = _peaky_model(root / "teacher", tokenizer, seed=0)
-    student = _peaky_model(root / "student", tokenizer, seed=1, layers=1)
-    data = _generate(prompts, root / "datasets", teacher)
-    return {"root": root, "prompts": prompts, "teacher": teacher, "student": student, "data": data}
-
-
-def _cfg(world, out: Path, **kw):
-    flags = {"data": [world["data"]], "student": world["student"], "out": str(out), "lr": 3e-3, "batch_size": 4, "warmup_ratio": 0.0, "logging_steps": 2, "save_steps": 4, "max_steps": 4}
-    flags.update(kw)
-    return load_config(None, flags)
-
+from kdtrain_helpers import generate_dataset, grads_after_one_step, peaky_model, train_cfg
 
 def _first_batch(trainer) -> dict:
     return trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
@@ -79,13 +32,13 @@ def test_student_equal_to_teacher_has_zero_kd(world, tmp_path):
     from kdtrain.train import build_trainer
 
     for loss in ("fkl", "rkl", "jsd"):
-        trainer = build_trainer(_cfg(world, tmp_path / "self", student=world["teacher"], loss=loss))
+        trainer = build_trainer(train_cfg(world, tmp_path / "self", student=world["teacher"], loss=loss))
         batch = _first_batch(trainer)
         out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], kd_targets=batch)
         n = out.n_tokens.item()
         assert n == (batch["labels"][:, 1:] != -100).sum().item() > 0
         assert out.kd_sum.item() / n < 2e-3, loss  # only the dataset's 1/1024-nat quantisation remains
-    other = build_trainer(_cfg(world, tmp_path / "other"))
+    other = build_trainer(train_cfg(world, tmp_path / "other"))
     out = other.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], kd_targets=batch)
     assert out.kd_sum.item() / out.n_tokens.item() > 0.5
 
@@ -93,7 +46,7 @@ def test_student_equal_to_teacher_has_zero_kd(world, tmp_path):
 def test_prompt_tokens_are_masked(world, tmp_path):
     from kdtrain.train import build_trainer
 
-    trainer = build_trainer(_cfg(world, tmp_path / "mask"))
+    trainer = build_trainer(train_cfg(world, tmp_path / "mask"))
     ex = trainer.data_collator.examples.row(0)
     batch = trainer.data_collator([{"row": 0}])
     start = int(ex["completion_start"])
@@ -103,25 +56,9 @@ def test_prompt_tokens_are_masked(world, tmp_path):
     assert (batch["topk_ids"][0, start:, 0] == batch["labels"][0, start:]).all()
 
 
-def _grads_after_one_step(world, out: Path, **kw) -> dict[str, torch.Tensor]:
-    from transformers import TrainerCallback
-
-    from kdtrain.train import build_trainer
-
-    grads: dict[str, torch.Tensor] = {}
-
-    class Grab(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, model=None, **_):
-            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-
-    trainer = build_trainer(_cfg(world, out, max_steps=1, max_grad_norm=0.0, ce_weight=0.5, loss="jsd", **kw), callbacks=[Grab()])
-    trainer.train()
-    return grads
-
-
 def test_grad_accumulation_4x1_equals_batch_4(world, tmp_path):
-    big = _grads_after_one_step(world, tmp_path / "b4", batch_size=4, grad_accum=1)
-    small = _grads_after_one_step(world, tmp_path / "b1", batch_size=1, grad_accum=4)
+    big = grads_after_one_step(world, tmp_path / "b4", batch_size=4, grad_accum=1)
+    small = grads_after_one_step(world, tmp_path / "b1", batch_size=1, grad_accum=4)
     assert big.keys() == small.keys() and big
     for name in big:
         torch.testing.assert_close(small[name], big[name], rtol=2e-4, atol=1e-6, msg=name)
@@ -140,7 +77,7 @@ def test_end_to_end_kill_resume_reload(world, tmp_path):
             if state.global_step == 6:
                 raise KeyboardInterrupt  # as a killed process: checkpoint-4 is the newest on disk
 
-    cfg = _cfg(world, out, max_steps=12, loss="skl", ce_weight=0.2)
+    cfg = train_cfg(world, out, max_steps=12, loss="skl", ce_weight=0.2)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, callbacks=[Kill()])
     assert (out / "checkpoint-4" / "kd_config.json").exists() and not (out / "config.json").exists()
@@ -193,10 +130,10 @@ def test_fresh_student_from_config_and_lora(world, tmp_path):
     path = tmp_path / "student.json"
     path.write_text(json.dumps(conf))
     out = tmp_path / "fresh"
-    run(_cfg(world, out, student="", student_config=str(path), max_steps=2, save_steps=100))
+    run(train_cfg(world, out, student="", student_config=str(path), max_steps=2, save_steps=100))
     assert json.loads((out / "kd_config.json").read_text())["student"]["kind"] == "config"
     out = tmp_path / "lora"
-    run(_cfg(world, out, lora=True, lora_r=4, max_steps=2, save_steps=100))
+    run(train_cfg(world, out, lora=True, lora_r=4, max_steps=2, save_steps=100))
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
@@ -222,10 +159,10 @@ def test_other_tokenizer_logit_and_text_work(world, tmp_path):
     from kdtrain.train import run
 
     other = _other_tokenizer_model(tmp_path / "other")
-    run(_cfg(world, tmp_path / "x", student=other, max_steps=1, save_steps=100))  # cross-tokenizer logit KD (issue 4)
+    run(train_cfg(world, tmp_path / "x", student=other, max_steps=1, save_steps=100))  # cross-tokenizer logit KD (issue 4)
     assert json.loads((tmp_path / "x" / "kd_config.json").read_text())["crosstok"]["kd_positions"] > 0
     out = tmp_path / "text"
-    run(_cfg(world, out, student=other, mode="text", max_steps=2, save_steps=100))
+    run(train_cfg(world, out, student=other, mode="text", max_steps=2, save_steps=100))
     record = json.loads((out / "kd_config.json").read_text())
     assert record["tokenizer"] == "different" and record["examples"]["rows"] == 12
     assert record["log_history"][-1]["ce"] > 0
@@ -260,8 +197,8 @@ def test_padded_embedding_rows(world, tokenizer, tmp_path):
     above the student (teacher ids beyond the student's rows go to the tail bucket)."""
     from kdtrain.train import build_trainer, run
 
-    padded_student = _peaky_model(tmp_path / "ps", tokenizer, seed=3, layers=1, vocab_rows=len(tokenizer) + 64)
-    run(_cfg(world, tmp_path / "a", student=padded_student, max_steps=1, save_steps=100))
+    padded_student = peaky_model(tmp_path / "ps", tokenizer, seed=3, layers=1, vocab_rows=len(tokenizer) + 64)
+    run(train_cfg(world, tmp_path / "a", student=padded_student, max_steps=1, save_steps=100))
     # the teacher plus 64 padding rows, each a slightly shrunk copy of a frequent token's row: they
     # rank right behind their twin (in the top-k) but never win the argmax (same completions)
     from kdcore.format import TeacherDataset
@@ -276,8 +213,8 @@ def test_padded_embedding_rows(world, tokenizer, tmp_path):
     padded_teacher = str(tmp_path / "pt")
     m.save_pretrained(padded_teacher)
     tokenizer.save_pretrained(padded_teacher)
-    data = _generate(world["prompts"], tmp_path / "ds", padded_teacher)
-    trainer = build_trainer(_cfg(world, tmp_path / "b", data=[data], max_steps=1))
+    data = generate_dataset(world["prompts"], tmp_path / "ds", padded_teacher)
+    trainer = build_trainer(train_cfg(world, tmp_path / "b", data=[data], max_steps=1))
     assert trainer.kd_record["examples"]["rows"] == 12
     assert torch.isinf(torch.as_tensor(trainer.data_collator.examples.topk_logprobs)).any()
     trainer.train()
@@ -287,17 +224,17 @@ def test_top_k_uses_the_best_n_of_the_stored_k(world, tmp_path):
     """--top-k 4 on a k=8 dataset is the k=4 dataset of the same (greedy) teacher run: same loss."""
     from kdtrain.train import build_trainer
 
-    k4 = _generate(world["prompts"], tmp_path / "k4", world["teacher"], k=4)
+    k4 = generate_dataset(world["prompts"], tmp_path / "k4", world["teacher"], k=4)
     sums = {}
     for name, data, top_k in (("k8", world["data"], 0), ("k8-top4", world["data"], 4), ("k4", k4, 0)):
-        trainer = build_trainer(_cfg(world, tmp_path / name, data=[data], top_k=top_k, loss="jsd"))
+        trainer = build_trainer(train_cfg(world, tmp_path / name, data=[data], top_k=top_k, loss="jsd"))
         batch = _first_batch(trainer)
         out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], kd_targets=batch)
         sums[name] = out.kd_sum.item()
     assert sums["k8-top4"] == pytest.approx(sums["k4"], rel=1e-5)
     assert sums["k8-top4"] != pytest.approx(sums["k8"], rel=1e-3)
     with pytest.raises(KdError, match="exceeds the k=8 stored"):
-        build_trainer(_cfg(world, tmp_path / "o", top_k=9))
+        build_trainer(train_cfg(world, tmp_path / "o", top_k=9))
 
 
 def _reference_logit_examples(urls: list[str], max_length: int, student_rows: int, limit: int | None) -> dict:
@@ -370,7 +307,7 @@ def test_bad_inputs(world, tmp_path):
     shard = next((broken / "data").glob("*.parquet"))
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(KdError, match="fails verification"):
-        run(_cfg(world, tmp_path / "o", data=[str(broken)]))
+        run(train_cfg(world, tmp_path / "o", data=[str(broken)]))
     # an empty dataset (valid, zero rows)
     empty = tmp_path / "empty" / base.name
     shutil.copytree(base, empty)
@@ -379,24 +316,24 @@ def test_bad_inputs(world, tmp_path):
     m["shards"], m["totals"]["rows"], m["totals"]["tokens"] = [], 0, 0
     (empty / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(KdError, match="empty"):
-        run(_cfg(world, tmp_path / "o", data=[str(empty)]))
+        run(train_cfg(world, tmp_path / "o", data=[str(empty)]))
     # mixed datasets with different k
-    other_k = _generate(world["prompts"], tmp_path / "k4", world["teacher"], k=4)
+    other_k = generate_dataset(world["prompts"], tmp_path / "k4", world["teacher"], k=4)
     with pytest.raises(KdError, match="mixed datasets must share k"):
-        run(_cfg(world, tmp_path / "o", data=[world["data"], other_k]))
+        run(train_cfg(world, tmp_path / "o", data=[world["data"], other_k]))
     # not a dataset
     with pytest.raises(KdError, match="no teacher dataset"):
-        run(_cfg(world, tmp_path / "o", data=[str(tmp_path)]))
+        run(train_cfg(world, tmp_path / "o", data=[str(tmp_path)]))
     # sequences longer than --max-length: refuse, or truncate with a warning
     with pytest.raises(KdError, match="longer than --max-length 40"):
-        run(_cfg(world, tmp_path / "o", max_length=40, overflow="refuse"))
+        run(train_cfg(world, tmp_path / "o", max_length=40, overflow="refuse"))
     from kdtrain.train import build_trainer
 
-    t = build_trainer(_cfg(world, tmp_path / "o", max_length=40))
+    t = build_trainer(train_cfg(world, tmp_path / "o", max_length=40))
     assert t.kd_record["examples"]["truncated"] + t.kd_record["examples"]["dropped"] > 0
     assert max(len(t.data_collator.examples.row(i)["input_ids"]) for i in range(t.data_collator.examples.num_rows)) <= 40
     with pytest.raises(KdError, match="exceeds the student's context"):
-        run(_cfg(world, tmp_path / "o", max_length=100_000))
+        run(train_cfg(world, tmp_path / "o", max_length=100_000))
 
 
 def test_cli_end_to_end_one_line_errors(world, tmp_path):

@@ -1,6 +1,6 @@
 """Generation backends: `vllm` (default where importable) and `hf` (transformers; CPU fallback and
 reference). Both produce the same `Output` for a `Request`; on greedy decoding in float32 with the
-same weights their tokens and top-k agree (tests/test_vllm_backend.py checks it).
+same weights their tokens and top-k agree (tests/test_kdgen_vllm.py checks it).
 
 Log-probs are always the teacher's raw distribution at temperature 1, before any sampling
 processor (temperature, top-p, top-k), so the trainer can apply its own temperature later.

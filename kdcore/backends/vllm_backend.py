@@ -1,6 +1,6 @@
 """vLLM backend: the only module that imports `vllm`.
 
-Settings that matter (see ../shared/DESIGN.md):
+Settings that matter (docs/VLLM.md says why):
 * `logprobs_mode="raw_logprobs"`: log-probs of the raw distribution at temperature 1, before
   temperature / top-p / top-k processors;
 * `max_logprobs = k`;
