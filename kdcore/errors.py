@@ -27,18 +27,24 @@ def collect(problems: list[str]) -> None:
 
 
 def run_cli(app, prog: str, interrupted: str) -> None:
-    """Run a typer app as a console script: a `KdError` becomes one line on stderr and exit 2
-    (no traceback); Ctrl-C prints `interrupted` and exits 130. Shared by kdgen, kdtrain, kdeval."""
+    """Run a typer app as a console script: a `KdError` or a usage error (an unknown option, a
+    missing value) becomes one line on stderr and exit 2 (no traceback); Ctrl-C prints
+    `interrupted` and exits 130. Shared by kdgen, kdtrain, kdeval."""
     import sys
 
+    import typer
+
+    usage_error = typer.BadParameter.__mro__[1]  # click's UsageError, as the click typer runs on has it
     try:
-        app()
+        code = app(standalone_mode=False)  # click's errors come here instead of as a framed box
+    except usage_error as e:
+        print(f"{prog}: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
     except KdError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
-        sys.exit(130)
     except Exception as e:
         if not _unreachable(e):
             raise
@@ -48,6 +54,9 @@ def run_cli(app, prog: str, interrupted: str) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    if code == 130:  # typer turns Ctrl-C into exit status 130
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 # connection failures of the store clients fsspec drives (botocore, httpx, aiohttp); not all are OSErrors

@@ -14,13 +14,11 @@ line and exit 2. Test: `pytest tests/test_kdtrain_config.py tests/test_cli.py`.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from kdcore.cli import config_command
-from kdcore.errors import KdError, run_cli
-from kdtrain.config import RECIPES, TrainConfig, recipe_path, validate
+from kdcore.errors import run_cli
+from kdtrain.config import RECIPES, MapReportConfig, TrainConfig, recipe_path, validate, validate_map_report
 
 app = typer.Typer(
     name="kdtrain",
@@ -45,25 +43,18 @@ app.command("run")(
 )
 
 
-@app.command("map-report")
-def map_report(
-    data: str = typer.Option(..., "--data", help="Teacher dataset directory or URL (ROOT/<fingerprint>)."),
-    student: str = typer.Option(..., "--student", help="Student model spec or checkpoint directory (only its tokenizer is loaded)."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help=TrainConfig.help("teacher")),
-    out: str = typer.Option("map_report.json", "--out", help="Where to write the JSON report."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Measure only the first N rows."),
-    vocab_match: str = typer.Option("prefix", "--vocab-match", help=TrainConfig.help("vocab_match")),
-    warn_below: float = typer.Option(0.8, "--warn-below", help="Warn when less than this share of the teacher's top-k mass maps onto student ids."),
-) -> None:
-    """How well a teacher dataset maps onto a student's tokenizer (cross-tokenizer KD), before training."""
+def _map_report(cfg: MapReportConfig) -> None:
     from kdtrain.map_report import run_report
-    from kdcore.vocab_map import VOCAB_MATCH
 
-    if vocab_match not in VOCAB_MATCH:
-        raise KdError(f"--vocab-match {vocab_match}: choose {' or '.join(VOCAB_MATCH)}")
-    if limit is not None and limit < 1:
-        raise KdError(f"--limit {limit}: must be >= 1")
-    run_report(data, student, teacher, out, limit, vocab_match, warn_below)
+    run_report(cfg.data, cfg.student, cfg.teacher, cfg.out, cfg.limit, cfg.vocab_match, cfg.warn_below)
+
+
+app.command("map-report")(
+    config_command(
+        MapReportConfig, _map_report, "How well a teacher dataset maps onto a student's tokenizer (cross-tokenizer KD), before training.",
+        validate=validate_map_report,
+    )
+)
 
 
 @app.command()

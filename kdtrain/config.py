@@ -156,6 +156,32 @@ def validate(cfg: TrainConfig) -> None:
     collect(p)
 
 
+@dataclass
+class MapReportConfig:
+    """`kdtrain map-report`: how well a teacher dataset maps onto a student's tokenizer, before training."""
+
+    data: str = _f("", "Teacher dataset directory or URL (ROOT/<fingerprint>).")
+    student: str = _f("", "Student model spec or checkpoint directory (only its tokenizer is loaded).")
+    teacher: str | None = _f(None, TrainConfig.help("teacher"))
+    out: str = _f("map_report.json", "Where to write the JSON report.")
+    limit: int | None = _f(None, "Measure only the first N rows.")
+    vocab_match: str = _f("prefix", TrainConfig.help("vocab_match"))
+    warn_below: float = _f(0.8, "Warn when less than this share of the teacher's top-k mass maps onto student ids.")
+
+
+def validate_map_report(cfg: MapReportConfig) -> None:
+    p: list[str] = []
+    if not cfg.data:
+        p.append("--data is required: a teacher dataset directory or URL written by `kdgen generate`")
+    if not cfg.student:
+        p.append("--student is required: a model spec or checkpoint directory (only its tokenizer is loaded)")
+    if cfg.vocab_match not in VOCAB_MATCH:
+        p.append(f"--vocab-match {cfg.vocab_match}: choose {' or '.join(VOCAB_MATCH)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        p.append(f"--limit {cfg.limit}: must be >= 1")
+    collect(p)
+
+
 def parse_layers(spec: str) -> list[int]:
     """'0,4,8' -> [0, 4, 8] (ValueError on anything else, negatives included)."""
     out = [int(x) for x in str(spec).replace(" ", "").split(",") if x != ""]

@@ -89,6 +89,9 @@ def test_a_yaml_config_works_for_every_generated_command(monkeypatch, capsys, tm
     conf.write_text("limit: 0\n")
     code, _, err = cli(monkeypatch, capsys, "kdeval", "lm-eval", "-m", "x", "-c", str(conf))
     one_line_error(code, err, "kdeval", "--limit 0")
+    conf.write_text("warn_below: .nan\n")
+    code, _, err = cli(monkeypatch, capsys, "kdtrain", "map-report", "--data", "d", "--student", "s", "--config", str(conf))
+    one_line_error(code, err, "kdtrain", "warn_below", "finite number")
     code, _, err = cli(monkeypatch, capsys, "kdtrain", "run", "--config", str(tmp_path / "nope.yaml"))
     one_line_error(code, err, "kdtrain", "--config", "no recipe of that name")
 
@@ -107,6 +110,17 @@ def test_trailing_overrides_and_positional_arguments(monkeypatch, capsys, tmp_pa
 def test_a_bad_integer_names_its_flag(monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "kdgen", "generate", "--prompts", "p.jsonl", "--k", "2.5")
     one_line_error(code, err, "kdgen", "--k", "expected an integer")
+
+
+def test_usage_errors_are_one_line_too(monkeypatch, capsys):
+    """An option the command does not have (sampling flags belong to `generate`, not `score`), or a
+    flag without its value: one line and exit 2 like every other error, not a framed box."""
+    code, _, err = cli(monkeypatch, capsys, "kdgen", "score", "--prompts", "p.jsonl", "--temperature", "1")
+    one_line_error(code, err, "kdgen", "No such option: --temperature")
+    code, _, err = cli(monkeypatch, capsys, "kdeval", "run", "--model")
+    one_line_error(code, err, "kdeval", "--model")
+    code, _, err = cli(monkeypatch, capsys, "kdtrain", "map-report", "--data", "d", "--student", "s", "--vocab-match", "x", "limit=0")
+    one_line_error(code, err, "kdtrain", "--vocab-match x", "--limit 0")
 
 
 def test_one_name_one_meaning_with_hidden_old_spellings(monkeypatch, capsys):
