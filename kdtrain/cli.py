@@ -14,30 +14,16 @@ line and exit 2. Test: `pytest tests/test_kdtrain_config.py tests/test_cli.py`.
 
 from __future__ import annotations
 
-import typer
-
-from kdcore.cli import config_command
+from kdcore.cli import config_command, make_app
 from kdcore.errors import run_cli
 from kdtrain.config import RECIPES, MapReportConfig, TrainConfig, recipe_path, validate, validate_map_report
 
-app = typer.Typer(
-    name="kdtrain",
-    help="Train students from teacher datasets: text-KD and sparse top-k logit KD, on TRL.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def _train(cfg: TrainConfig) -> str:
-    from kdtrain.train import run
-
-    return run(cfg)
+app = make_app("kdtrain", "Train students from teacher datasets: text-KD and sparse top-k logit KD, on TRL.")
 
 
 app.command("run")(
     config_command(
-        TrainConfig, _train, "Train a student on teacher dataset(s); writes an HF checkpoint plus kd_config.json to --out.",
+        TrainConfig, "kdtrain.train:run", "Train a student on teacher dataset(s); writes an HF checkpoint plus kd_config.json to --out.",
         config_help="YAML recipe: a file, or a name from `kdtrain recipes`.", resolve_config=recipe_path, validate=validate,
     )
 )
