@@ -22,6 +22,14 @@ def field_help(cls, name: str) -> str:
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
+class Documented:
+    """Base of the config dataclasses: `Config.help("field")` is that field's help text."""
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return field_help(cls, name)
+
+
 def sampling_problems(temperature: float, top_p: float) -> list[str]:
     """The checks of the sampling flags --temperature and --top-p, which mean the same in kdgen and kdeval."""
     problems = []

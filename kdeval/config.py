@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdcore.config import doc_field as _f
-from kdcore.config import field_help, sampling_problems
+from kdcore.config import Documented, sampling_problems
 from kdcore.errors import collect
 
 # Metric names a user can ask for with --metrics. Fidelity metrics need --data; quality metrics need
@@ -27,14 +27,8 @@ BACKENDS = ("auto", "hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class _Help:
-    @classmethod
-    def help(cls, name: str) -> str:
-        return field_help(cls, name)
-
-
 @dataclass
-class EvalConfig(_Help):
+class EvalConfig(Documented):
     models: list[str] = _f([], "Model to score (repeatable): checkpoint directory, .gguf file or built-in name; NAME=SPEC sets its name in the report.", flag="model", short="-m")
     teacher: str | None = _f(None, "The teacher, scored the same way as the students so the report shows the trade-off (its outputs also serve as references when none are given).")
     baselines: list[str] = _f([], "Baseline model (repeatable), e.g. the student before distillation; shown beside the students.", flag="baseline")
@@ -59,14 +53,14 @@ class EvalConfig(_Help):
 
 
 @dataclass
-class CompareConfig(_Help):
+class CompareConfig(Documented):
     runs: list[str] = _f([], "`kdeval run` output directories (or their results.json files) to compare.", positional=True)
     out: str = _f("kdeval-report", "Output directory: REPORT.md, PNG plots and the merged results.json.")
     samples: int = _f(3, "Side-by-side samples to show in REPORT.md.")
 
 
 @dataclass
-class LmEvalConfig(_Help):
+class LmEvalConfig(Documented):
     model: str = _f("", "Checkpoint directory, .gguf file or built-in name to hand to lm-evaluation-harness.", short="-m")
     tasks: list[str] = _f([], "Task names (standard lm-eval tasks need their data locally) or local task YAML files (repeatable or comma-separated). Default: data/lm_eval/kd_tiny_task.yaml.", split_commas=True)
     out: str = _f("kdeval-lm-eval", "Output directory for lm_eval_results.json.")

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from kdcore.backends import vllm_available
 from kdcore.config import doc_field as _f
-from kdcore.config import field_help, sampling_problems
+from kdcore.config import Documented, sampling_problems
 from kdcore.errors import collect
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Documented):
     prompts: str = _f("", "Prompt file (.jsonl, .parquet, .csv) or HF dataset directory.")
     out: str = _f("teacher-datasets", "Root directory or URL (s3://, gs://, hf://, memory://); the dataset goes to OUT/<fingerprint>.")
     teacher: str = _f("smollm2-135m-instruct", "Teacher: built-in name, .gguf file, HF checkpoint directory or hub id.")
@@ -40,10 +40,6 @@ class GenerateConfig:
     num_shards: int = _f(1, "Split the work over this many machines; each runs with its own --shard-index.")
     gpu_memory_utilization: float | None = _f(None, "vLLM memory fraction (of RAM on CPU). Default 0.3 on CPU, 0.9 on GPU.")
     append_eos: bool = _f(True, "`kdgen score`: end each given completion with the EOS token.")
-
-    @classmethod
-    def help(cls, name: str) -> str:
-        return field_help(cls, name)
 
 
 

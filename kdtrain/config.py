@@ -13,10 +13,11 @@ Test: `pytest tests/test_kdtrain_config.py` (every recipe parses and validates).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from kdcore.cli import load
+from kdcore.config import Documented
 from kdcore.config import doc_field as _f
 from kdcore.errors import KdError, collect
 from kdcore.divergences import DIVERGENCES, TAILS, SparseKD
@@ -28,7 +29,7 @@ OVERFLOW = ("truncate", "refuse")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Documented):
     # what to learn from, and who learns
     data: list[str] = _f([], "Teacher dataset directory or URL (ROOT/<fingerprint>); repeat for several datasets of the same teacher and k.")
     student: str = _f("", "Student: built-in name, .gguf file or HF checkpoint directory. Leave empty with --student-config or --init-from-teacher.")
@@ -81,10 +82,6 @@ class TrainConfig:
     report_to: str = _f("none", "Where to report metrics: none, tensorboard, wandb, ... (transformers names, comma-separated).")
     deepspeed: str | None = _f(None, "DeepSpeed JSON config (for accelerate/DeepSpeed launches).")
     dataloader_workers: int = _f(0, "Data-loader worker processes.")
-
-    @classmethod
-    def help(cls, name: str) -> str:
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
     def sparse_kd(self) -> SparseKD:
         return SparseKD(loss=self.loss, tail=self.tail, temperature=self.kd_temperature, alpha=self.alpha, beta=self.beta)
@@ -157,7 +154,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 @dataclass
-class MapReportConfig:
+class MapReportConfig(Documented):
     """`kdtrain map-report`: how well a teacher dataset maps onto a student's tokenizer, before training."""
 
     data: str = _f("", "Teacher dataset directory or URL (ROOT/<fingerprint>).")
