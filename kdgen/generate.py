@@ -75,12 +75,11 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, Job | None]:
     shards = blocks(plan, len(job.prompts))
     mine = [i for i in range(len(shards)) if i % cfg.num_shards == cfg.shard_index]
     work = _Work(job)
-    done = _write_shards(job, work, shards, mine)
-    if work.reused or (work.reuse is not None):
-        console.print(f"rows: {work.reused} reused from existing datasets, {work.generated} generated")
-    if not done:
+    if not _write_shards(job, work, shards, mine):
         console.print(f"another process committed {job.url} meanwhile; stopping")
         return job.url, job
+    if work.reused or (work.reuse is not None):
+        console.print(f"rows: {work.reused} reused from existing datasets, {work.generated} generated")
     present = set(fmt.list_shards(job.fs, job.dataset_dir))
     missing = [i for i in range(len(shards)) if fmt.shard_name(i, len(shards)) not in present]
     if missing:
