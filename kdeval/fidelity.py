@@ -136,7 +136,7 @@ def _row_chunks(lengths: list[int], vocab: int, batch_rows: int) -> list[list[in
 
 @torch.no_grad()
 def score_model(model, dataset, batch_rows: int = 8, limit: int | None = None, token_bytes: np.ndarray | None = None) -> dict:
-    """Teacher-force `model` on every row of `dataset` (a `kdcore.format.TeacherDataset`).
+    """Teacher-force `model` on every row of `dataset` (a `kdcore.dataset.TeacherDataset`).
 
     Rows are right-padded (positions start at 0 in every row, so causal attention needs no shift).
     token_bytes: [V] bytes each token id stands for (0 for special tokens), for NLL per byte.

@@ -90,7 +90,7 @@ def ls(root: str = typer.Argument(..., help="Directory or URL holding teacher da
     """List the complete datasets under ROOT."""
     from rich.table import Table
 
-    from kdcore.format import list_datasets
+    from kdcore.dataset import list_datasets
     from kdcore.progress import console
 
     found = list_datasets(root)
@@ -137,7 +137,7 @@ def _size(n: int) -> str:
 @app.command()
 def info(dataset: str = typer.Argument(..., help="Dataset directory or URL (ROOT/<fingerprint>)."), as_json: bool = typer.Option(False, "--json")):
     """Teacher, prompts, rows, tokens, bytes/token, k and fingerprint of a dataset."""
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
 
     m = TeacherDataset(dataset).manifest
     if as_json:

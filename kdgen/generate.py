@@ -37,7 +37,9 @@ from typing import Iterator
 import pyarrow as pa
 
 import kdgen
-from kdcore import format as fmt
+from kdcore import codec
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdgen import locks
 from kdcore.backends import Request, SamplingConfig, default_backend, engine_version, make_backend, request_seed, vllm_available
 from kdcore.config import doc_field as _f
@@ -166,7 +168,7 @@ def _read_request(cfg: GenerateConfig, kind: str) -> tuple[list[Prompt], dict]:
         for p in prompts:
             if p.text is not None:
                 p.messages, p.text = [{"role": "user", "content": p.text}], None
-        prompt_info["content_hash"] = fmt.sha256_hex("\n".join(p.content_hash for p in prompts))
+        prompt_info["content_hash"] = kio.sha256_hex("\n".join(p.content_hash for p in prompts))
     return prompts, prompt_info
 
 
@@ -174,7 +176,7 @@ def _core(cfg: GenerateConfig, kind: str, teacher_info: dict, tokenizer_info: di
     """What the fingerprint is computed from."""
     backend = default_backend() if cfg.backend == "auto" else cfg.backend
     return {
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": codec.FORMAT_VERSION,
         "teacher": teacher_info,
         "tokenizer": tokenizer_info,
         "generation": generation_info(cfg, backend, kind),
@@ -192,15 +194,15 @@ def _quick_finish(cfg: GenerateConfig, kind: str, request: tuple[list[Prompt], d
         return None
     prompts, prompt_info = request
     core = _core(cfg, kind, *identity, prompt_info)
-    fp = fmt.fingerprint(core)
-    fs, root = fmt.open_fs(cfg.out)
-    dataset_dir = fmt.join(root, fp)
+    fp = kds.fingerprint(core)
+    fs, root = kio.open_fs(cfg.out)
+    dataset_dir = kio.join(root, fp)
     url = cfg.out.rstrip("/") + "/" + fp
-    existing = fmt.read_manifest(fs, dataset_dir)
+    existing = kds.read_manifest(fs, dataset_dir)
     if existing is not None:
         console.print(f"[green]cache hit:[/] {url} already holds this dataset ({_summary(existing)})")
         return url
-    if not fs.exists(fmt.join(dataset_dir, fmt.DATA_DIR)):
+    if not fs.exists(kio.join(dataset_dir, kds.DATA_DIR)):
         return None
     plan = _read_plan(fs, dataset_dir) or {"fingerprint": fp, "shard_prompts": cfg.shard_prompts}
     per, n = plan["shard_prompts"], core["generation"]["n"]
@@ -208,7 +210,7 @@ def _quick_finish(cfg: GenerateConfig, kind: str, request: tuple[list[Prompt], d
     if plan["fingerprint"] != fp or plan.get("num_shards", num) != num:
         return None
     sizes = [(min((i + 1) * per, len(prompts)) - i * per) * n for i in range(num)]
-    if not all(_shard_has_rows(fs, dataset_dir, fmt.shard_name(i, num), rows) for i, rows in enumerate(sizes)):
+    if not all(_shard_has_rows(fs, dataset_dir, kds.shard_name(i, num), rows) for i, rows in enumerate(sizes)):
         return None
     _check_output(cfg, fs, root, fp)
     console.print(f"resuming: {sum(sizes)} of {sum(sizes)} rows already in complete shards")
@@ -254,20 +256,20 @@ def prepare(
     if any(max(ids, default=0) >= vocab for ids in prompt_ids):
         raise KdError("the tokenizer produced ids beyond the model's embedding rows; tokenizer and weights do not match")
     core = _core(cfg, kind, teacher.teacher_info(), teacher.tokenizer_info(), prompt_info)
-    fp = fmt.fingerprint(core)
-    fs, root = fmt.open_fs(cfg.out)
-    return Job(cfg, kind, teacher, prompts, prompt_ids, completion_ids, core, fp, fs, root, fmt.join(root, fp))
+    fp = kds.fingerprint(core)
+    fs, root = kio.open_fs(cfg.out)
+    return Job(cfg, kind, teacher, prompts, prompt_ids, completion_ids, core, fp, fs, root, kio.join(root, fp))
 
 
 def _check_output(cfg: GenerateConfig, fs, root: str, fingerprint: str) -> None:
     """The output root must not be a different dataset, and must be writable."""
-    existing = fmt.read_manifest(fs, root) if fs.exists(root) else None
+    existing = kds.read_manifest(fs, root) if fs.exists(root) else None
     if existing is not None:
         raise KdError(
             f"--out {cfg.out} is itself a dataset (fingerprint {existing.get('fingerprint')}); --out takes the "
             f"root that holds datasets: use its parent directory"
         )
-    probe = fmt.join(root, f".kdgen-write-test-{fingerprint}-{uuid.uuid4().hex[:8]}")
+    probe = kio.join(root, f".kdgen-write-test-{fingerprint}-{uuid.uuid4().hex[:8]}")
     try:
         fs.makedirs(root, exist_ok=True)
         with fs.open(probe, "wb") as f:
@@ -275,14 +277,14 @@ def _check_output(cfg: GenerateConfig, fs, root: str, fingerprint: str) -> None:
         fs.rm(probe)
     except (OSError, PermissionError) as e:
         raise KdError(f"--out {cfg.out}: cannot write there ({e.__class__.__name__}: {e}); choose a writable location") from None
-    dataset_dir = fmt.join(root, fingerprint)
+    dataset_dir = kio.join(root, fingerprint)
     plan = _read_plan(fs, dataset_dir)
     if plan is not None and plan.get("fingerprint") != fingerprint:
         raise KdError(f"{dataset_dir} holds a different dataset (fingerprint {plan.get('fingerprint')}); remove it or choose another --out")
 
 
 def _read_plan(fs, dataset_dir: str) -> dict | None:
-    path = fmt.join(dataset_dir, PLAN)
+    path = kio.join(dataset_dir, PLAN)
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as f:
@@ -307,7 +309,7 @@ def _plan(job: Job) -> dict:
         "config": asdict(job.cfg),
     }
     job.fs.makedirs(job.dataset_dir, exist_ok=True)
-    fmt.write_bytes_atomic(job.fs, fmt.join(job.dataset_dir, PLAN), json.dumps(plan).encode())
+    kio.write_bytes_atomic(job.fs, kio.join(job.dataset_dir, PLAN), json.dumps(plan).encode())
     return plan
 
 
@@ -320,7 +322,7 @@ def _shard_has_rows(fs, dataset_dir: str, name: str, expected_rows: int) -> bool
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_metadata(fmt.join(dataset_dir, fmt.DATA_DIR, name), filesystem=fs)
+        meta = pq.read_metadata(kio.join(dataset_dir, kds.DATA_DIR, name), filesystem=fs)
         return meta.num_rows == expected_rows
     except Exception:
         return False
@@ -332,7 +334,7 @@ def _requests_for(job: Job, prompt_indices: range) -> tuple[list[Request], list[
     for i in prompt_indices:
         p = job.prompts[i]
         for s in range(n):
-            rid = fmt.row_id(p.content_hash, s)
+            rid = kds.row_id(p.content_hash, s)
             comp = job.completion_ids[i] if job.completion_ids is not None else None
             reqs.append(Request(rid, job.prompt_ids[i], request_seed(job.cfg.seed, rid), comp))
             meta.append((p, job.prompt_ids[i]))
@@ -347,7 +349,7 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
     holds; the plan and the commit happen under the dataset lock (kdgen/locks.py).
     """
     url, job = _run(cfg, kind)
-    if job is not None and fmt.read_manifest(job.fs, job.dataset_dir) is not None:
+    if job is not None and kds.read_manifest(job.fs, job.dataset_dir) is not None:
         # every process that leaves a committed dataset tidies up once its own locks are gone, so the
         # last one out removes the lock directory whichever path (commit, or "another process did") it took
         locks.remove_lock_dir(job.fs, job.dataset_dir)
@@ -364,13 +366,13 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
             return done, None
         job = prepare(cfg, kind, request, model)
     url = cfg.out.rstrip("/") + "/" + job.fingerprint
-    existing = fmt.read_manifest(job.fs, job.dataset_dir)
+    existing = kds.read_manifest(job.fs, job.dataset_dir)
     if existing is not None:
         console.print(f"[green]cache hit:[/] {url} already holds this dataset ({_summary(existing)})")
         return url, None
     _check_output(cfg, job.fs, job.root, job.fingerprint)
     with _dataset_lock(job.fs, job.dataset_dir):
-        existing = fmt.read_manifest(job.fs, job.dataset_dir)
+        existing = kds.read_manifest(job.fs, job.dataset_dir)
         if existing is None:
             plan = _plan(job)
     if existing is not None:  # another process committed it while we waited
@@ -384,7 +386,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
 
     mine = [i for i in range(num) if i % cfg.num_shards == cfg.shard_index]
     total_rows = sum(len(block(i)) * n for i in mine)
-    pending = [i for i in mine if not _shard_is_complete(job, fmt.shard_name(i, num), len(block(i)) * n)]
+    pending = [i for i in mine if not _shard_is_complete(job, kds.shard_name(i, num), len(block(i)) * n)]
     done_rows = total_rows - sum(len(block(i)) * n for i in pending)
     if done_rows:
         console.print(f"resuming: {done_rows} of {total_rows} rows already in complete shards")
@@ -393,7 +395,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
     if pending:
         reuse = RowReuse(job.fs, job.root, job.manifest_core, exclude=job.fingerprint)
         if len(reuse):
-            want = [fmt.row_id(job.prompts[p].content_hash, s) for i in pending for p in block(i) for s in range(n)]
+            want = [kds.row_id(job.prompts[p].content_hash, s) for i in pending for p in block(i) for s in range(n)]
             found = reuse.count(want)
             console.print(
                 f"row reuse: {found} of {len(want)} rows already exist in {len(reuse.sources)} dataset(s) under "
@@ -406,7 +408,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
             while pending:
                 progressed = False
                 for i in list(pending):
-                    name = fmt.shard_name(i, num)
+                    name = kds.shard_name(i, num)
                     expected = len(block(i)) * n
                     if _shard_is_complete(job, name, expected):  # written by another process
                         pending.remove(i)
@@ -416,15 +418,15 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
                     if not claim.try_acquire():
                         continue  # another process is writing it
                     try:
-                        if fmt.read_manifest(job.fs, job.dataset_dir) is not None:
+                        if kds.read_manifest(job.fs, job.dataset_dir) is not None:
                             console.print(f"another process committed {url} meanwhile; stopping")
                             return url, job
                         if not _shard_is_complete(job, name, expected):
                             rows = work.rows_for(block(i), bar)
                             if claim.lost:
                                 raise KdError(f"lost the claim on {name} to another process (this one stalled for minutes); run the command again")
-                            fmt.write_shard(
-                                job.fs, job.dataset_dir, name, fmt.rows_to_table(rows, job.teacher.embedding_rows, cfg.k), job.fingerprint
+                            kds.write_shard(
+                                job.fs, job.dataset_dir, name, codec.rows_to_table(rows, job.teacher.embedding_rows, cfg.k), job.fingerprint
                             )
                         else:
                             bar.advance(expected, 0)
@@ -434,7 +436,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
                     progressed = True
                 if pending and not progressed:
                     if not waiting_noted:
-                        holders = {locks.describe(FileLock(job.fs, lock_path(job.dataset_dir, fmt.shard_name(i, num))).holder() or {}) for i in pending}
+                        holders = {locks.describe(FileLock(job.fs, lock_path(job.dataset_dir, kds.shard_name(i, num))).holder() or {}) for i in pending}
                         console.print(f"waiting for {len(pending)} shard(s) that another process is writing ({'; '.join(sorted(holders))})")
                         waiting_noted = True
                     _pause()
@@ -443,8 +445,8 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
     if work.reused or (work.reuse is not None):
         console.print(f"rows: {work.reused} reused from existing datasets, {work.generated} generated")
 
-    present = set(fmt.list_shards(job.fs, job.dataset_dir))
-    missing = [fmt.shard_name(i, num) for i in range(num) if fmt.shard_name(i, num) not in present]
+    present = set(kds.list_shards(job.fs, job.dataset_dir))
+    missing = [kds.shard_name(i, num) for i in range(num) if kds.shard_name(i, num) not in present]
     if missing:
         console.print(
             f"slice {cfg.shard_index} of {cfg.num_shards} done; {len(missing)} shard(s) still missing (other slices). "
@@ -458,7 +460,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
 def _commit(fs, dataset_dir: str, core: dict, cfg: GenerateConfig, url: str, num_shards: int, wall: float, gen_wall: float, gen_tokens: int) -> None:
     """Every shard is written: commit the dataset under its lock, unless another process just did."""
     with _dataset_lock(fs, dataset_dir):
-        manifest = fmt.read_manifest(fs, dataset_dir)
+        manifest = kds.read_manifest(fs, dataset_dir)
         committed_here = manifest is None
         if committed_here:
             manifest = finalize(fs, dataset_dir, core, cfg, wall, gen_wall, gen_tokens, num_shards)
@@ -493,11 +495,11 @@ class _Work:
                 )
         return self.backend
 
-    def rows_for(self, prompt_indices: range, bar: RowProgress) -> list[fmt.Row]:
+    def rows_for(self, prompt_indices: range, bar: RowProgress) -> list[codec.Row]:
         """The rows of these prompts, in the order an uninterrupted run writes them."""
         job, cfg = self.job, self.job.cfg
         reqs, meta = _requests_for(job, prompt_indices)
-        rows: list[fmt.Row | None] = [None] * len(reqs)
+        rows: list[codec.Row | None] = [None] * len(reqs)
         todo = []
         for j, (r, (p, pids)) in enumerate(zip(reqs, meta)):
             old = self.reuse.get(r.row_id, pids, r.completion_ids) if self.reuse is not None else None
@@ -525,7 +527,7 @@ class _Work:
             self.gen_wall += time.perf_counter() - tb
             for j, r, o in zip(idx, chunk, outs):
                 p, pids = meta[j]
-                rows[j] = fmt.Row(
+                rows[j] = codec.Row(
                     id=r.row_id,
                     messages=p.messages,
                     prompt=p.text,
@@ -574,33 +576,27 @@ def finalize(
     """
     from kdcore.card import write_card
 
-    names = fmt.list_shards(fs, dataset_dir)
+    names = kds.list_shards(fs, dataset_dir)
     if num_shards is not None:
-        planned = {fmt.shard_name(i, num_shards) for i in range(num_shards)}
+        planned = {kds.shard_name(i, num_shards) for i in range(num_shards)}
         strays = [n for n in names if n not in planned]
         if strays:
             console.print(f"[yellow]note:[/] removing {len(strays)} shard(s) of an earlier plan of this dataset (their rows are in the new shards)")
             for n in strays:
-                fs.rm(fmt.join(dataset_dir, fmt.DATA_DIR, n))
+                fs.rm(kio.join(dataset_dir, kds.DATA_DIR, n))
         names = [n for n in names if n in planned]
-    shards = [fmt.shard_entry_from_file(fs, dataset_dir, f"{fmt.DATA_DIR}/{n}") for n in names]
+    shards = [kds.shard_entry_from_file(fs, dataset_dir, f"{kds.DATA_DIR}/{n}") for n in names]
     rows = sum(s["rows"] for s in shards)
     tokens = sum(s["tokens"] for s in shards)
     nbytes = sum(s["bytes"] for s in shards)
-    ids_t = fmt.id_type(core["tokenizer"]["embedding_rows"])
     manifest = {
-        "format_version": fmt.FORMAT_VERSION,
-        "fingerprint": fmt.fingerprint(core),
+        "format_version": codec.FORMAT_VERSION,
+        "fingerprint": kds.fingerprint(core),
         "kdgen_version": kdgen.__version__,
-        "created": fmt.now_iso(),
+        "created": kio.now_iso(),
         "created_by": _who(),
         **{key: core[key] for key in ("teacher", "tokenizer", "generation", "prompts")},
-        "encoding": {
-            "id_type": str(ids_t),
-            "logprob_scale": fmt.LOGPROB_SCALE,
-            "topk_layout": "flat T*k per row, position-major; logprob = -cumsum(topk_logprob_deltas)/logprob_scale",
-            "parquet": {k: v for k, v in fmt.PARQUET_OPTIONS.items() if k != "column_encoding"},
-        },
+        "encoding": codec.encoding_info(core["tokenizer"]["embedding_rows"]),
         "shards": shards,
         "totals": {
             "rows": rows,
@@ -611,18 +607,18 @@ def finalize(
         "wall_time_s": round(wall, 2),
         "generation_time_s": round(gen_wall, 2),
         "tokens_per_s": round(gen_tokens / gen_wall, 1) if gen_wall > 0 else None,
-        "fingerprint_fields": list(fmt.FINGERPRINT_FIELDS),
+        "fingerprint_fields": list(kds.FINGERPRINT_FIELDS),
         "config": asdict(cfg) if not isinstance(cfg, dict) else cfg,
     }
     write_card(fs, dataset_dir, manifest)
-    for p in fs.ls(fmt.join(dataset_dir, locks.LOCK_DIR), detail=False) if fs.exists(fmt.join(dataset_dir, locks.LOCK_DIR)) else []:
+    for p in fs.ls(kio.join(dataset_dir, locks.LOCK_DIR), detail=False) if fs.exists(kio.join(dataset_dir, locks.LOCK_DIR)) else []:
         if not p.rstrip("/").endswith("/dataset.lock"):
             fs.rm(p)  # shard claims left by killed runs: every shard is complete now
-    for p in fs.ls(fmt.join(dataset_dir, fmt.DATA_DIR), detail=False):
-        if p.rstrip("/").rsplit("/", 1)[-1].startswith(fmt.TMP_PREFIX):
+    for p in fs.ls(kio.join(dataset_dir, kds.DATA_DIR), detail=False):
+        if p.rstrip("/").rsplit("/", 1)[-1].startswith(kio.TMP_PREFIX):
             fs.rm(p)  # leftovers of interrupted writes
-    fmt.write_manifest(fs, dataset_dir, manifest)
-    plan = fmt.join(dataset_dir, PLAN)
+    kds.write_manifest(fs, dataset_dir, manifest)
+    plan = kio.join(dataset_dir, PLAN)
     if fs.exists(plan):
         fs.rm(plan)
     return manifest
@@ -649,37 +645,37 @@ def _summary(m: dict) -> str:
 def merge(url: str, sources: list[str] = ()) -> dict:
     """Finish a dataset written in slices: copy in shards from `sources` (other machines' copies of
     the same OUT/<fingerprint>), check every planned shard is there, then commit it."""
-    fs, path = fmt.open_fs(url)
-    if fmt.read_manifest(fs, path) is not None:
+    fs, path = kio.open_fs(url)
+    if kds.read_manifest(fs, path) is not None:
         raise KdError(f"{url} is already complete (it has a manifest)")
     for src in sources:
-        sfs, spath = fmt.open_fs(src)
-        if not sfs.exists(fmt.join(spath, PLAN)):
+        sfs, spath = kio.open_fs(src)
+        if not sfs.exists(kio.join(spath, PLAN)):
             raise KdError(f"{src}: not a slice of a sliced `kdgen generate` (no {PLAN})")
-        with sfs.open(fmt.join(spath, PLAN), "rb") as f:
+        with sfs.open(kio.join(spath, PLAN), "rb") as f:
             if json.loads(f.read())["fingerprint"] != posixpath.basename(path.rstrip("/")):
                 raise KdError(f"{src} is a slice of a different dataset than {url}")
-        fs.makedirs(fmt.join(path, fmt.DATA_DIR), exist_ok=True)
-        if not fs.exists(fmt.join(path, PLAN)):
-            with sfs.open(fmt.join(spath, PLAN), "rb") as f:
-                fmt.write_bytes_atomic(fs, fmt.join(path, PLAN), f.read())
-        for name in fmt.list_shards(sfs, spath):
-            dest = fmt.join(path, fmt.DATA_DIR, name)
+        fs.makedirs(kio.join(path, kds.DATA_DIR), exist_ok=True)
+        if not fs.exists(kio.join(path, PLAN)):
+            with sfs.open(kio.join(spath, PLAN), "rb") as f:
+                kio.write_bytes_atomic(fs, kio.join(path, PLAN), f.read())
+        for name in kds.list_shards(sfs, spath):
+            dest = kio.join(path, kds.DATA_DIR, name)
             if not fs.exists(dest):
-                with sfs.open(fmt.join(spath, fmt.DATA_DIR, name), "rb") as f:
-                    fmt.write_bytes_atomic(fs, dest, f.read())
-    plan_path = fmt.join(path, PLAN)
+                with sfs.open(kio.join(spath, kds.DATA_DIR, name), "rb") as f:
+                    kio.write_bytes_atomic(fs, dest, f.read())
+    plan_path = kio.join(path, PLAN)
     if not fs.exists(plan_path):
         raise KdError(f"{url}: no generation plan found; point at OUT/<fingerprint> of a sliced `kdgen generate`")
     with fs.open(plan_path, "rb") as f:
         plan = json.loads(f.read())
-    present = set(fmt.list_shards(fs, path))
-    missing = [fmt.shard_name(i, plan["num_shards"]) for i in range(plan["num_shards"]) if fmt.shard_name(i, plan["num_shards"]) not in present]
+    present = set(kds.list_shards(fs, path))
+    missing = [kds.shard_name(i, plan["num_shards"]) for i in range(plan["num_shards"]) if kds.shard_name(i, plan["num_shards"]) not in present]
     if missing:
         raise KdError(f"{url}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}...); finish the other slices first")
     core, cfg = plan["core"], plan["config"]
     with _dataset_lock(fs, path):
-        manifest = fmt.read_manifest(fs, path) or finalize(fs, path, core, cfg, 0.0, 0.0, 0, plan["num_shards"])
+        manifest = kds.read_manifest(fs, path) or finalize(fs, path, core, cfg, 0.0, 0.0, 0, plan["num_shards"])
     locks.remove_lock_dir(fs, path)
     return manifest
 

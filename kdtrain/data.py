@@ -1,6 +1,6 @@
 """Teacher datasets -> tokenised training examples, and the collator that pads teacher arrays.
 
-Reads datasets only through `kdcore.format.TeacherDataset` (the format's one reader).
+Reads datasets only through `kdcore.dataset.TeacherDataset` (the format's one reader).
 
 An example is one teacher row. `Prepared` keeps all examples as flat numpy arrays (one copy,
 no per-row Python objects):

@@ -33,6 +33,7 @@ import torch
 from trl import SFTTrainer
 
 from kdcore.divergences import SparseKD
+from kdcore.io import write_bytes_atomic
 from kdtrain.losses import fused_kd_losses
 
 KD_CONFIG = "kd_config.json"
@@ -161,7 +162,4 @@ class KDTrainer(SFTTrainer):
 def write_kd_config(folder: str, record: dict) -> None:
     """kd_config.json beside a checkpoint: resolved config, datasets and fingerprints (atomic)."""
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{KD_CONFIG}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(folder, KD_CONFIG))
+    write_bytes_atomic(None, os.path.join(folder, KD_CONFIG), json.dumps(record, indent=2, default=str))

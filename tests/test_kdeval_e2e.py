@@ -49,7 +49,7 @@ def dense_reference(model_dir: str, url: str) -> dict:
     """KL(t||s) over top-k + tail, top-1 agreement and perplexity, from the student's full softmax."""
     from transformers import AutoModelForCausalLM
 
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     kls, agree, nll = [], [], []

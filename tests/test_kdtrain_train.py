@@ -236,7 +236,7 @@ def test_other_tokenizer_text_examples_are_the_students_own_encoding(world, tmp_
     completion text re-tokenised (one batched call per dataset), then EOS where the teacher stopped."""
     from transformers import AutoTokenizer
 
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
     from kdcore.teacher_data import TeacherData
     from kdtrain.data import text_examples
 
@@ -264,7 +264,7 @@ def test_padded_embedding_rows(world, tokenizer, tmp_path):
     run(_cfg(world, tmp_path / "a", student=padded_student, max_steps=1, save_steps=100))
     # the teacher plus 64 padding rows, each a slightly shrunk copy of a frequent token's row: they
     # rank right behind their twin (in the top-k) but never win the argmax (same completions)
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
     from transformers import AutoModelForCausalLM
 
     ids = next(TeacherDataset(world["data"]).iter_batches(1000, text=False)).completion_ids
@@ -304,7 +304,7 @@ def _reference_logit_examples(urls: list[str], max_length: int, student_rows: in
     """`kdtrain.data.logit_examples` written row by row (slow, obvious): what the vectorised one must give."""
     import numpy as np
 
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
 
     rows = [b.row(i) for url in urls for b in TeacherDataset(url).iter_batches(batch_rows=5) for i in range(b.num_rows)][:limit]
     out = {"seqs": [], "starts": [], "ids": [], "lps": [], "rows_in": len(rows), "truncated": 0, "dropped": 0, "beyond_vocab": 0, "dropped_topk_entries": 0}
