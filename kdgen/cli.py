@@ -1,4 +1,4 @@
-"""`kdgen` command line: generate, score, ls, info, verify, merge, push, pull.
+"""`kdgen` command line: generate, score, ls, info, verify, merge, push, pull, upgrade.
 
 The typer app is the one registry of commands. Every command builds a config and calls a plain
 function; user errors (`KdError`) print one line and exit 2, with no traceback.
@@ -152,6 +152,7 @@ def info(dataset: str = typer.Argument(..., help="Dataset directory or URL (ROOT
         ("tokens", f"{b['tokens']:,}"),
         ("bytes/token", f"{b['bytes_per_token']}  ({_size(b['bytes'])} in {len(m['shards'])} shard(s))"),
         ("k", str(g["k"])),
+        ("format", f"v{m['format_version']}" + (" (read-only: `kdgen upgrade` rewrites it as v2)" if m["format_version"] == 1 else "")),
         ("generation", f"{g['kind']} via {g['backend']} ({g['engine_version']}), T={g['temperature']} top_p={g['top_p']} max_new={g['max_new_tokens']} n={g['n']} seed={g['seed']}"),
         ("throughput", f"{m.get('tokens_per_s') or '-'} tokens/s, wall {m.get('wall_time_s')} s"),
         ("created", b["created"]),
@@ -220,6 +221,20 @@ def pull(
 ):
     """Copy a dataset from a shared store: sha256 checked per shard, resumable, manifest last."""
     _copy(src, dest)
+
+
+@app.command()
+def upgrade(
+    src: str = typer.Argument(..., help="A format v1 dataset (ROOT/<fingerprint>)."),
+    dest: str = typer.Argument(..., help="Root for the v2 dataset; it lands at DEST/<new fingerprint>."),
+):
+    """Rewrite a format v1 dataset as v2 (plain ids and log-probs, explicit tail); print its URL."""
+    from kdcore.progress import console
+    from kdgen.upgrade import upgrade as run_upgrade
+
+    url = run_upgrade(src, dest)
+    console.print(f"[green]upgraded:[/] {src} (v1) -> {url} (v2)")
+    print(url)
 
 
 def main() -> None:
