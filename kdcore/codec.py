@@ -17,9 +17,11 @@ the physical choices below come from `bench/storage.py` (Parquet's own encodings
   float16 would be as small, but DuckDB refuses BYTE_STREAM_SPLIT on it and its subnormals lose
   the log-probs of confident positions (|lp| < 6e-5) that the tail depends on.
 * `tail_logprobs` is log(1 - sum(exp(topk))) per position, computed in float64 from the engine's
-  float32 values before rounding and stored at full float32 precision: the mass outside the top-k
-  is exact where the teacher is confident (issue 12: v1 decoded 8.5% of positions to "no tail").
-  -inf where the top-k holds all the mass to float precision.
+  float32 values before rounding, stored with `TAIL_MANTISSA_BITS` (the mass within 0.1% relative
+  down to 1e-7; full float32 costs 1.3 B/token more): the mass outside the top-k is exact where
+  the teacher is confident (issue 12: v1 decoded 8.5% of positions to "no tail"), which
+  1 - sum(exp(topk_logprobs)) of rounded values is not (their absolute errors add up). -inf
+  where the top-k holds all the mass to float precision.
 
 Run `pytest tests/test_kdgen_format.py` to exercise it.
 """
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1 is read (kdcore.codec_v1), never written; `kdgen upgrade` rewrites it
 LOGPROB_MANTISSA_BITS = 10  # float32 keeps 23; 10 bits = float16's precision with float32's range
+TAIL_MANTISSA_BITS = 12  # tail log-probs: mass within 0.1% relative down to 1e-7 (contract: 1%)
 
 # ----------------------------------------------------------------------------------------------
 # Schema and Parquet options
@@ -108,6 +111,7 @@ def encoding_info(vocab_rows: int) -> dict:
         "id_type": str(id_type(vocab_rows)),
         "logprob_type": "float32",
         "logprob_mantissa_bits": LOGPROB_MANTISSA_BITS,
+        "tail_mantissa_bits": TAIL_MANTISSA_BITS,
         "topk_layout": "list<list<>>: [T][k] per row",
         "parquet": {k: v for k, v in PARQUET_OPTIONS.items() if k not in ("column_encoding", "compression_level")}
         | {"byte_stream_split": sorted(PARQUET_OPTIONS["column_encoding"])},
@@ -242,7 +246,7 @@ def rows_to_table(rows: list[Row], vocab_rows: int, k: int) -> pa.Table:
         "token_logprobs": _lists([round_logprobs(sampled_logprobs(r)) for r in rows], np.float32, pa.float32()),
         "topk_ids": _nested([np.asarray(r.topk_ids) for r in rows], k, ids_np, ids_pa),
         "topk_logprobs": _nested([round_logprobs(r.topk_logprobs) for r in rows], k, np.float32, pa.float32()),
-        "tail_logprobs": _lists([np.asarray(t, np.float32) for t in tails], np.float32, pa.float32()),
+        "tail_logprobs": _lists([round_logprobs(t, TAIL_MANTISSA_BITS) for t in tails], np.float32, pa.float32()),
         "finish_reason": pa.array([r.finish_reason for r in rows], pa.string()),
     }
     return pa.Table.from_pydict(columns, schema=sch)

@@ -170,7 +170,7 @@ def test_rows_parquet_reader_exact(tmp_path, vocab):
         np.testing.assert_array_equal(d["topk_logprobs"], codec.round_logprobs(r.topk_logprobs))
         assert_within_budget(d["topk_logprobs"], r.topk_logprobs)
         assert_within_budget(d["token_logprobs"], r.token_logprobs)
-        np.testing.assert_array_equal(d["tail_logprobs"], codec.tail_logprobs(r.topk_logprobs).astype(np.float32))
+        np.testing.assert_array_equal(d["tail_logprobs"], codec.round_logprobs(codec.tail_logprobs(r.topk_logprobs), codec.TAIL_MANTISSA_BITS))
         in_topk = (r.topk_ids == np.asarray(r.completion_ids)[:, None]).any(axis=1)
         np.testing.assert_array_equal(d["token_logprobs"][in_topk], d["topk_logprobs"][in_topk, 0])
         assert d["completion"] == r.completion and d["finish_reason"] == r.finish_reason

