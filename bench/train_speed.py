@@ -10,8 +10,8 @@ One run, side by side:
    SmolLM2-135M-Instruct on the first 48 prompts of data/train.jsonl, 128 new tokens, k=20 —
    generated once through `kdgen generate` into --cache; later runs hit kdgen's cache) replicated
    into a dataset of >= --reading-tokens completion tokens, 128 rows per shard like `kdgen
-   generate`. Real rows matter: top-k ids are frequency-coded per shard, so random ids would give
-   other codes, other compression and other decode costs.
+   generate`. Real rows matter: real top-k ids and log-probs compress (and so decompress)
+   differently from random ones.
 2. Reading (one thread; torch and pyarrow pinned to one): shards -> examples
    (`kdtrain.data.logit_examples`: Parquet decode, top-k ids and log-probs, sequences), then
    examples -> padded batches the way the Trainer's DataLoader does it (`Dataset.__getitems__` +
@@ -139,8 +139,8 @@ def real_teacher_dataset(cache: Path) -> str:
 def replicate_dataset(work: Path, source_url: str, min_tokens: int, shard_rows: int = 128) -> str:
     """A teacher dataset of >= `min_tokens` completion tokens made of copies of `source_url`'s rows.
 
-    Reading cost depends on the data, not only on its shape: top-k ids are frequency-coded per shard
-    (kdgen/format.py), so the codes of real teacher output are skewed where random ids are not. Copy
+    Reading cost depends on the data, not only on its shape: real top-k ids and log-probs compress
+    differently from random ones (docs/FORMAT.md). Copy
     j > 0 of a row gets its own prompt (" #j" appended to its last message) so row ids stay unique
     and derive from their prompts; every per-token array is the source's, re-encoded by the
     format's writer, `shard_rows` rows per shard (kdgen's default: 128 prompts per shard).
@@ -172,6 +172,7 @@ def replicate_dataset(work: Path, source_url: str, min_tokens: int, shard_rows: 
                 id=kds.row_id(p.content_hash, sample), messages=messages, prompt=prompt, prompt_ids=a["prompt_ids"].tolist(),
                 completion=t["completion"], completion_ids=a["completion_ids"].tolist(), token_logprobs=a["token_logprobs"],
                 topk_ids=a["topk_ids"], topk_logprobs=a["topk_logprobs"], finish_reason=t["finish_reason"],
+                tail_logprobs=a["tail_logprobs"],
             ))
     source = f"{src.manifest['prompts']['source']} x{copies} (rows of dataset {src.fingerprint})"
     return _write_dataset(work / "real-rows", _identity(src.manifest), rows, prompts, shard_rows, {"source": source, "copies": copies})
