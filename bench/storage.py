@@ -101,6 +101,31 @@ def reproducer(write_read) -> float:
     return float(loss.abs().max())
 
 
+def self_loss(back_topk: np.ndarray, back_tail_mass: np.ndarray, ref: dict) -> dict:
+    """The issue's framing on every real position: a student equal to the teacher (the engine's
+    values) against the stored teacher, rkl over the top-k + tail bucket at T=2 (0 = lossless):
+    with the tail derived from the top-k as kdcore.divergences does today, and with the stored tail."""
+    import torch
+    import torch.nn.functional as F
+
+    from kdcore.divergences import TAIL_FLOOR, SparseKD, divergence, sparse_kd_per_token
+
+    spec = SparseKD("rkl", "bucket", 2.0)
+    derived = sparse_kd_per_token(torch.tensor(ref["topk"], dtype=torch.float64), torch.tensor(back_topk, dtype=torch.float64), spec)
+
+    def buckets(topk, tail_mass):
+        x = torch.cat([torch.tensor(topk, dtype=torch.float64), torch.tensor(np.log(np.maximum(tail_mass, TAIL_FLOOR)))[:, None]], 1)
+        return F.log_softmax(x / spec.temperature, -1).clamp(min=-1e4)
+
+    stored = divergence(buckets(back_topk, back_tail_mass), buckets(ref["topk"], ref["tail_mass"]), spec.loss) * spec.temperature**2
+    return {
+        "self_loss_rkl_T2_derived_tail_max": float(f"{derived.max().item():.3g}"),
+        "self_loss_rkl_T2_derived_tail_mean": float(f"{derived.mean().item():.3g}"),
+        "self_loss_rkl_T2_stored_tail_max": float(f"{stored.max().item():.3g}"),
+        "self_loss_rkl_T2_stored_tail_mean": float(f"{stored.mean().item():.3g}"),
+    }
+
+
 def one_row(topk_lp: np.ndarray) -> list[codec.Row]:
     t, k = topk_lp.shape
     ids = np.tile(np.arange(k), (t, 1))
@@ -242,11 +267,11 @@ def measure(rows, vocab: int, k: int, v1) -> dict:
     if v1 is not None:
         data = v1.parquet_bytes(v1.rows_to_table(rows, vocab, k))
         b = read_back(data, k)
-        out["kd_v1"] = {"bytes_per_token": round(len(data) / tokens, 2), **precision(b.topk_logprobs, b.token_logprobs, b.tail_mass(), ref),
+        out["kd_v1"] = {"bytes_per_token": round(len(data) / tokens, 2), **precision(b.topk_logprobs, b.token_logprobs, b.tail_mass(), ref), **self_loss(b.topk_logprobs, b.tail_mass(), ref),
                         "read_tokens_per_cpu_s_1thread": read_speed(data, k, tokens), "column_bytes_per_token": column_bytes(data, tokens)}
     data = codec.parquet_bytes(codec.rows_to_table(rows, vocab, k))
     b = read_back(data, k)
-    out["kd_v2"] = {"bytes_per_token": round(len(data) / tokens, 2), **precision(b.topk_logprobs, b.token_logprobs, b.tail_mass(), ref),
+    out["kd_v2"] = {"bytes_per_token": round(len(data) / tokens, 2), **precision(b.topk_logprobs, b.token_logprobs, b.tail_mass(), ref), **self_loss(b.topk_logprobs, b.tail_mass(), ref),
                     "read_tokens_per_cpu_s_1thread": read_speed(data, k, tokens), "column_bytes_per_token": column_bytes(data, tokens)}
     return out
 

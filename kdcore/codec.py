@@ -345,17 +345,18 @@ def nested_lengths_ok(col: pa.ChunkedArray | pa.Array, k: int) -> bool:
 def decode_table(table: pa.Table | pa.RecordBatch, k: int, text: bool = True, id_dtype: type = np.int64) -> Batch:
     """Arrow table in the v2 schema (one shard's rows) -> `Batch` (vectorised: no loop over tokens).
 
-    `id_dtype` is the dtype of `Batch.topk_ids` (int32 halves the bytes the widening writes)."""
+    `id_dtype` is the dtype of `Batch.topk_ids` (int32 halves the bytes the widening writes). The
+    log-prob arrays are copies (writable: Arrow's buffers are read-only; the copy costs ~2% of a read)."""
     cids, offsets = flat_list(table["completion_ids"])
     pids, poff = flat_list(table["prompt_ids"])
     return Batch(
         ids=table["id"].to_pylist(),
         offsets=offsets,
         completion_ids=cids.astype(np.int64),
-        token_logprobs=flat_list(table["token_logprobs"])[0],
+        token_logprobs=flat_list(table["token_logprobs"])[0].copy(),
         topk_ids=flat_nested(table["topk_ids"], k).astype(id_dtype),
-        topk_logprobs=flat_nested(table["topk_logprobs"], k),
-        tail_logprobs=flat_list(table["tail_logprobs"])[0],
+        topk_logprobs=flat_nested(table["topk_logprobs"], k).copy(),
+        tail_logprobs=flat_list(table["tail_logprobs"])[0].copy(),
         prompt_values=pids.astype(np.int64),
         prompt_offsets=poff,
         completions=table["completion"].to_pylist() if text else [],

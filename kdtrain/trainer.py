@@ -60,6 +60,18 @@ class KDOutput:
     span_sum: torch.Tensor | None = None  # chunk-likelihood sum (cross-tokenizer batches)
 
 
+def teacher_tails(kd_targets: dict, mask: torch.Tensor, top_k: int) -> torch.Tensor | None:
+    """[N] the teacher's stored tail log-prob at the masked positions (None without one: derived in
+    the loss). With --top-k N the entries after the N-th join the tail, as the loss's bucket would."""
+    if "tail_logprobs" not in kd_targets:
+        return None
+    tails = kd_targets["tail_logprobs"][:, 1:][mask].double()
+    if top_k:
+        rest = kd_targets["topk_logprobs"][:, 1:, top_k:][mask].double()
+        tails = torch.logaddexp(tails, torch.logsumexp(rest, -1)) if rest.shape[-1] else tails
+    return tails
+
+
 def attach_kd_head(model, loss: KDLoss) -> None:
     """Patch `model.forward` (a causal LM, before or under PEFT) to accept `kd_targets`."""
     inner = model.forward
@@ -85,16 +97,18 @@ def attach_kd_head(model, loss: KDLoss) -> None:
             keep = slice(None, loss.top_k or None)  # stored best first: the first N are the top-N
             ids = kd_targets["topk_ids"][:, 1:, keep][mask].long()
             lps = kd_targets["topk_logprobs"][:, 1:, keep][mask].float()
+            tails = teacher_tails(kd_targets, mask, loss.top_k)
         else:
             ids = torch.zeros((h.shape[0], 0), dtype=torch.long, device=h.device)
             lps = torch.zeros((h.shape[0], 0), dtype=torch.float32, device=h.device)
+            tails = None
         span_ids = span_lps = None
         if "chunk_ids" in kd_targets and loss.span_weight:
             span_ids = kd_targets["chunk_ids"][:, 1:][mask].to(h.device)
             span_lps = kd_targets["chunk_logprobs"].reshape(-1).float().to(h.device)
         total, kd_sum, ce_sum, span_sum = fused_kd_losses(
             h, weight, labels[mask].to(h.device), ids, lps, loss.spec, loss.ce_weight, loss.kd_weight, loss.chunk_size, softcap,
-            span_ids, span_lps, loss.span_weight,
+            span_ids, span_lps, loss.span_weight, tails,
         )
         return KDOutput(total, kd_sum, ce_sum, mask.sum(), span_sum)
 
@@ -114,7 +128,7 @@ class KDTrainer(SFTTrainer):
         self._kd_clock: float | None = None  # started by the first training micro-batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "chunk_ids", "chunk_logprobs") if k in inputs}
+        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "tail_logprobs", "chunk_ids", "chunk_logprobs") if k in inputs}
         out: KDOutput = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_targets=targets)
         denom = out.n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = out.total / denom

@@ -65,7 +65,8 @@ def dense_reference(model_dir: str, url: str) -> dict:
                 top = r["topk_ids"][t]
                 pt = np.exp(r["topk_logprobs"][t].astype(np.float64))
                 qs = np.exp(s[top])
-                p_tail = max(1.0 - pt.sum(), 0.0)
+                p_tail = max(float(np.exp(np.float64(r["tail_logprobs"][t]))), 1e-10)  # the dataset's tail (floored as the loss does)
+                pt, p_tail = pt / (pt.sum() + p_tail), p_tail / (pt.sum() + p_tail)  # top-k + tail: one distribution
                 q_tail = np.exp(s).sum() - qs.sum()  # the student's mass on every other id, summed densely
                 kl = float((pt * (np.log(pt) - np.log(qs))).sum())
                 if p_tail > 0:

@@ -307,7 +307,7 @@ def _reference_logit_examples(urls: list[str], max_length: int, student_rows: in
     from kdcore.dataset import TeacherDataset
 
     rows = [b.row(i) for url in urls for b in TeacherDataset(url).iter_batches(batch_rows=5) for i in range(b.num_rows)][:limit]
-    out = {"seqs": [], "starts": [], "ids": [], "lps": [], "rows_in": len(rows), "truncated": 0, "dropped": 0, "beyond_vocab": 0, "dropped_topk_entries": 0}
+    out = {"seqs": [], "starts": [], "ids": [], "lps": [], "tails": [], "rows_in": len(rows), "truncated": 0, "dropped": 0, "beyond_vocab": 0, "dropped_topk_entries": 0}
     for r in rows:
         p, c = r["prompt_ids"], r["completion_ids"]
         if (p >= student_rows).any() or (c >= student_rows).any():
@@ -324,6 +324,10 @@ def _reference_logit_examples(urls: list[str], max_length: int, student_rows: in
         out["starts"].append(len(p))
         out["ids"].append(np.where(bad, 0, r["topk_ids"][:keep]))
         out["lps"].append(np.where(bad, -np.inf, r["topk_logprobs"][:keep]))
+        # the dropped entries' mass joins the stored tail
+        with np.errstate(divide="ignore"):
+            dropped = np.log(np.where(bad, np.exp(r["topk_logprobs"][:keep].astype(np.float64)), 0.0).sum(1))
+        out["tails"].append(np.logaddexp(r["tail_logprobs"][:keep].astype(np.float64), dropped).astype(np.float32))
     return out
 
 
@@ -355,6 +359,7 @@ def test_logit_examples_equal_a_row_by_row_reference(world, max_length, student_
         np.testing.assert_array_equal(row["input_ids"], want["seqs"][i])
         np.testing.assert_array_equal(row["topk_ids"], want["ids"][i])
         np.testing.assert_array_equal(row["topk_logprobs"], want["lps"][i])
+        np.testing.assert_allclose(row["tail_logprobs"], want["tails"][i], rtol=1e-6)
     # each case exercises what it is there for
     assert (want["truncated"] > 0) == (max_length < 100)
     assert (want["beyond_vocab"] > 0 and want["dropped_topk_entries"] > 0) == (student_rows < data.manifest["tokenizer"]["embedding_rows"])
