@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import machine, scratch, write_result  # noqa: E402
+from kdcore.io import now_iso  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +183,7 @@ def main() -> None:
         "untrained": init,
         "generation_seconds": round(gen_s, 1),
         "machine": machine(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now_iso(),
     }
     write_result("crosstok_quality", result)
     print(json.dumps(result["figures"], indent=2))

@@ -50,7 +50,9 @@ def capture_overhead(model_path: str, prompt_ids: list[list[int]], max_new: int,
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from kdcore import format as fmt
+    from kdcore import codec
+    import kdcore.dataset as kds
+    import kdcore.io as kio
     from kdcore.backends import Request, SamplingConfig, request_seed
     from kdcore.backends.vllm_backend import VLLMBackend
 
@@ -60,7 +62,7 @@ def capture_overhead(model_path: str, prompt_ids: list[list[int]], max_new: int,
     reqs = [Request(f"r{i}", p, request_seed(0, f"r{i}")) for i, p in enumerate(prompt_ids)]
     cfg = SamplingConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=max_new, k=k)
     out_dir = str(scratch("kd-bench-"))
-    fs, root = fmt.open_fs(out_dir)
+    fs, root = kio.open_fs(out_dir)
 
     def plain():
         res = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True), use_tqdm=False)
@@ -86,10 +88,10 @@ def capture_overhead(model_path: str, prompt_ids: list[list[int]], max_new: int,
         res = llm.generate(prompts, params, use_tqdm=False)
         outs = [vllm_backend.VLLMBackend._to_output(r.outputs[0], k) for r in res]
         rows = [
-            fmt.Row(r.row_id, None, "", r.prompt_ids, "", o.completion_ids, o.token_logprobs, o.topk_ids, o.topk_logprobs, o.finish_reason)
+            codec.Row(r.row_id, None, "", r.prompt_ids, "", o.completion_ids, o.token_logprobs, o.topk_ids, o.topk_logprobs, o.finish_reason)
             for r, o in zip(reqs, outs)
         ]
-        fmt.write_shard(fs, root, "train-00000-of-00001.parquet", fmt.rows_to_table(rows, 65536, k))
+        kds.write_shard(fs, root, "train-00000-of-00001.parquet", codec.rows_to_table(rows, 65536, k))
         return sum(len(o.completion_ids) for o in outs)
 
     plain()  # warm-up (first call pays one-off costs)

@@ -74,11 +74,11 @@ def teacher_datasets(args) -> tuple[str, str]:
 
 def untrained_student(train: str, out: Path) -> str:
     """The `none` arm: the same 6-layer cut of the teacher that every trained arm starts from."""
-    from kdcore import format as fmt
+    import kdcore.dataset as kds
     from kdtrain.config import load_config
     from kdtrain.student import build_student
 
-    manifest = fmt.TeacherDataset(train).manifest
+    manifest = kds.TeacherDataset(train).manifest
     student = build_student(load_config(None, {"data": [train], "init_from_teacher": LAYERS}), manifest)
     student.model.save_pretrained(out)
     student.tokenizer.save_pretrained(out)

@@ -10,8 +10,8 @@ One run, side by side:
    SmolLM2-135M-Instruct on the first 48 prompts of data/train.jsonl, 128 new tokens, k=20 —
    generated once through `kdgen generate` into --cache; later runs hit kdgen's cache) replicated
    into a dataset of >= --reading-tokens completion tokens, 128 rows per shard like `kdgen
-   generate`. Real rows matter: top-k ids are frequency-coded per shard, so random ids would give
-   other codes, other compression and other decode costs.
+   generate`. Real rows matter: real top-k ids and log-probs compress (and so decompress)
+   differently from random ones.
 2. Reading (one thread; torch and pyarrow pinned to one): shards -> examples
    (`kdtrain.data.logit_examples`: Parquet decode, top-k ids and log-probs, sequences), then
    examples -> padded batches the way the Trainer's DataLoader does it (`Dataset.__getitems__` +
@@ -56,6 +56,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, results_path, scratch, tiny_model, write_result  # noqa: E402
+from kdcore.io import now_iso  # noqa: E402
 from kdeval.generate import current_rss, peak_rss  # noqa: E402
 
 DENSE_TEACHER = "smollm2-135m-instruct"
@@ -66,17 +67,19 @@ def _write_dataset(root: Path, core: dict, rows: list, prompts: list, shard_rows
     `write_shard`, `kdgen.commit.finalize`), `shard_rows` rows per shard. `prompts`
     (`kdcore.prompts.Prompt`, one per prompt in row order) become the manifest's prompt set, so the
     dataset passes `kdgen verify` (kdtrain verifies what it opens)."""
-    from kdcore import format as fmt
+    from kdcore import codec
+    import kdcore.dataset as kds
+    import kdcore.io as kio
     from kdgen.commit import finalize
 
-    core = {**core, "prompts": {"source": note["source"], "count": len(prompts), "content_hash": fmt.sha256_hex("\n".join(p.content_hash for p in prompts))}}
-    fs, base = fmt.open_fs(str(root))
-    ddir = fmt.join(base, fmt.fingerprint(core))
+    core = {**core, "prompts": {"source": note["source"], "count": len(prompts), "content_hash": kio.sha256_hex("\n".join(p.content_hash for p in prompts))}}
+    fs, base = kio.open_fs(str(root))
+    ddir = kio.join(base, kds.fingerprint(core))
     vocab, k = core["tokenizer"]["embedding_rows"], core["generation"]["k"]
     n_shards = -(-len(rows) // shard_rows)
     for s in range(n_shards):
-        table = fmt.rows_to_table(rows[s * shard_rows : (s + 1) * shard_rows], vocab, k)
-        fmt.write_shard(fs, ddir, fmt.shard_name(s, n_shards), table, fmt.fingerprint(core))
+        table = codec.rows_to_table(rows[s * shard_rows : (s + 1) * shard_rows], vocab, k)
+        kds.write_shard(fs, ddir, kds.shard_name(s, n_shards), table, kds.fingerprint(core))
     finalize(fs, ddir, core, note, 0.0, 0.0, 0)
     return ddir
 
@@ -97,7 +100,9 @@ def make_dataset(work: Path, n_rows: int, new_tokens: int, k: int) -> str:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from kdcore import format as fmt
+    from kdcore import codec
+    import kdcore.dataset as kds
+    import kdcore.io as kio
     from kdgen.generate import GenerateConfig, run
     from kdcore.models import resolve
     from kdcore.prompts import Prompt
@@ -107,7 +112,7 @@ def make_dataset(work: Path, n_rows: int, new_tokens: int, k: int) -> str:
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
     seed_url = run(GenerateConfig(prompts=str(prompts), out=str(work / "seed"), teacher=tiny_model(tok), backend="hf", max_new_tokens=8, k=k, temperature=0.0), "generate")
-    core = _identity(fmt.TeacherDataset(seed_url).manifest)
+    core = _identity(kds.TeacherDataset(seed_url).manifest)
     core["generation"] = {**core["generation"], "max_new_tokens": new_tokens}
     rng = np.random.default_rng(0)
     synthetic, batch = [Prompt(i, None, f"synthetic {i}") for i in range(n_rows)], []
@@ -116,7 +121,7 @@ def make_dataset(work: Path, n_rows: int, new_tokens: int, k: int) -> str:
         mass /= mass.sum(-1, keepdims=True)
         lp = np.log(np.sort(mass[:, :k], axis=-1)[:, ::-1]).astype(np.float32)
         ids = rng.integers(0, len(tok), size=(new_tokens, k))
-        batch.append(fmt.Row(id=fmt.row_id(p.content_hash, 0), messages=None, prompt=p.text, prompt_ids=rng.integers(0, len(tok), 48).tolist(), completion="", completion_ids=ids[:, 0].tolist(), token_logprobs=lp[:, 0].copy(), topk_ids=ids, topk_logprobs=lp, finish_reason="length"))
+        batch.append(codec.Row(id=kds.row_id(p.content_hash, 0), messages=None, prompt=p.text, prompt_ids=rng.integers(0, len(tok), 48).tolist(), completion="", completion_ids=ids[:, 0].tolist(), token_logprobs=lp[:, 0].copy(), topk_ids=ids, topk_logprobs=lp, finish_reason="length"))
     return _write_dataset(work / "datasets", core, batch, synthetic, 256, {"source": "synthetic", "synthetic_from": seed_url})
 
 
@@ -134,21 +139,23 @@ def real_teacher_dataset(cache: Path) -> str:
 def replicate_dataset(work: Path, source_url: str, min_tokens: int, shard_rows: int = 128) -> str:
     """A teacher dataset of >= `min_tokens` completion tokens made of copies of `source_url`'s rows.
 
-    Reading cost depends on the data, not only on its shape: top-k ids are frequency-coded per shard
-    (kdgen/format.py), so the codes of real teacher output are skewed where random ids are not. Copy
+    Reading cost depends on the data, not only on its shape: real top-k ids and log-probs compress
+    differently from random ones (docs/FORMAT.md). Copy
     j > 0 of a row gets its own prompt (" #j" appended to its last message) so row ids stay unique
     and derive from their prompts; every per-token array is the source's, re-encoded by the
     format's writer, `shard_rows` rows per shard (kdgen's default: 128 prompts per shard).
     """
-    from kdcore import format as fmt
+    from kdcore import codec
+    import kdcore.dataset as kds
+    import kdcore.io as kio
     from kdcore.prompts import Prompt
 
-    src = fmt.TeacherDataset(source_url)
+    src = kds.TeacherDataset(source_url)
     text = src.read_table(columns=["id", "messages", "prompt", "completion", "finish_reason"]).to_pylist()
     arrays = [b.row(i) for b in src.iter_batches(text=False) for i in range(b.num_rows)]
     n = src.manifest["generation"]["n"]
     # each source row's sample index: its id is row_id(its prompt's hash, sample)
-    samples = [next(s for s in range(n) if fmt.row_id(Prompt(0, t["messages"], t["prompt"]).content_hash, s) == t["id"]) for t in text]
+    samples = [next(s for s in range(n) if kds.row_id(Prompt(0, t["messages"], t["prompt"]).content_hash, s) == t["id"]) for t in text]
     copies = -(-min_tokens // src.num_tokens)
     rows, prompts = [], []
     for j in range(copies):
@@ -161,10 +168,11 @@ def replicate_dataset(work: Path, source_url: str, min_tokens: int, shard_rows: 
             p = Prompt(len(prompts), messages, prompt)
             if sample == 0:
                 prompts.append(p)
-            rows.append(fmt.Row(
-                id=fmt.row_id(p.content_hash, sample), messages=messages, prompt=prompt, prompt_ids=a["prompt_ids"].tolist(),
+            rows.append(codec.Row(
+                id=kds.row_id(p.content_hash, sample), messages=messages, prompt=prompt, prompt_ids=a["prompt_ids"].tolist(),
                 completion=t["completion"], completion_ids=a["completion_ids"].tolist(), token_logprobs=a["token_logprobs"],
                 topk_ids=a["topk_ids"], topk_logprobs=a["topk_logprobs"], finish_reason=t["finish_reason"],
+                tail_logprobs=a["tail_logprobs"],
             ))
     source = f"{src.manifest['prompts']['source']} x{copies} (rows of dataset {src.fingerprint})"
     return _write_dataset(work / "real-rows", _identity(src.manifest), rows, prompts, shard_rows, {"source": source, "copies": copies})
@@ -360,7 +368,7 @@ def main() -> None:
     if args.arm:
         print(json.dumps(arm(args.arm, args.data, args.student, args.out, args.batch, args.steps, args.warmup)))
         return
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
 
     work = scratch("kd-train-speed-")
     t0 = time.perf_counter()
@@ -383,7 +391,7 @@ def main() -> None:
     if args.only == "reading":
         result = json.loads(results_path("train_speed").read_text()) if results_path("train_speed").exists() else {"benchmark": "train_speed"}
         result["setup"] = {**result.get("setup", {}), "reading": reading_setup}
-        result["reading"] = reading | {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command}
+        result["reading"] = reading | {"created": now_iso(), "command": command}
         result["machine"] = machine()
         write_result("train_speed", result)
         print(json.dumps({k: v for k, v in reading.items() if k.startswith("shards") or k.endswith("per_s")}, indent=2))
@@ -394,7 +402,7 @@ def main() -> None:
     steps = bench_steps(url, student, work, args.batch, args.steps, args.warmup, args.reps)
     result = {
         "benchmark": "train_speed",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now_iso(),
         "command": command,
         "machine": machine(),
         "setup": {k: getattr(args, k) for k in ("rows", "new_tokens", "k", "hidden", "layers", "batch", "steps", "warmup", "reps")}

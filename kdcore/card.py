@@ -1,26 +1,37 @@
 """The dataset card (README.md) written beside every teacher dataset.
 
-It carries the Hugging Face YAML header (`configs` / `data_files`) so `load_dataset` and the Hub
-viewer find the shards, and says in plain words what the columns hold and how to decode them.
+Its YAML header declares the Hugging Face `configs` (where the shards are) and
+`dataset_info.features` (every column's type, derived from the shards' schema), so
+`datasets.load_dataset(<dataset dir>)` and the Hub viewer return typed columns; the body says in
+plain words what each column holds (the contract: docs/FORMAT.md).
+
+Test: `pytest tests/test_kdgen_format_v2.py -k card` (declared features match the files).
 """
 
 from __future__ import annotations
 
-import json
+import pyarrow as pa
+import yaml
 
-from kdcore import format as fmt
+import kdcore.dataset as kds
+import kdcore.io as kio
+from kdcore import codec
 
-CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*.parquet
-tags:
-- knowledge-distillation
-- kd-teacher-dataset
----
+COLUMNS = {  # what each v2 column means (docs/FORMAT.md has the full contract)
+    "id": "stable row id: hash of the prompt content and the sample index",
+    "messages": "the input as given: chat messages (null for a plain-text prompt)",
+    "prompt": "the input as given: plain text (null for chat messages)",
+    "prompt_ids": "the exact token ids the teacher saw (its chat template applied)",
+    "completion": "the teacher's text",
+    "completion_ids": "its token ids (EOS included when produced); T per row",
+    "token_logprobs": "[T] log-prob of each completion token under the teacher at temperature 1",
+    "topk_ids": "[T][k] token ids of the teacher's k most likely next tokens per position, most likely first",
+    "topk_logprobs": "[T][k] their log-probs (temperature 1, normalised over the full vocabulary, sorted descending)",
+    "tail_logprobs": "[T] log of the probability mass outside the top-k: log(1 - sum(exp(topk_logprobs))); -inf = none",
+    "finish_reason": "`stop` (EOS) or `length`",
+}
 
+BODY = """
 # Teacher dataset `{fingerprint}`
 
 Completions of **{teacher}** with its top-{k} next-token log-probabilities at every completion
@@ -37,40 +48,68 @@ token, written by `kdgen` {version} (format v{format_version}) for offline knowl
 
 ## Columns
 
-| column | meaning |
-|---|---|
-| `id` | stable row id: hash of the prompt content and the sample index |
-| `messages` / `prompt` | the input as given (chat messages, or plain text) |
-| `prompt_ids` | the exact token ids the teacher saw (its chat template applied) |
-| `completion`, `completion_ids` | the teacher's text and token ids (EOS included when produced) |
-| `token_logprob_codes` | log-prob of each completion token under the teacher (temperature 1): 0 = same as its top-k entry, else `round(-logprob * {scale}) + 1` |
-| `topk_ids` | the teacher's {k} most likely next tokens per completion position, flat (T*{k} values, position-major) |
-| `topk_logprob_deltas` | their log-probs, quantised and delta-coded (below) |
-| `finish_reason` | `stop` (EOS) or `length` |
+Every column is plain Parquet and means what its name says: no decoding, no kd needed.
 
-Log-probs are normalised over the full vocabulary, so the mass outside the top-k,
-`1 - sum(exp(topk_logprobs))`, is recoverable.
+| column | type | meaning |
+|---|---|---|
+{columns}
 
-## Decoding the top-k log-probs
+Log-probs are rounded to 11 significant bits (within 5e-4 x |log-prob| of the teacher's float32);
+`tail_logprobs` is computed before rounding, so the tail is exact where the teacher is confident.
 
-`topk_logprob_deltas` holds, per position, `q_0, q_1 - q_0, ...` with `q_j = round(-logprob_j * {scale})`;
-so `logprob = -cumsum(deltas) / {scale}` (within {err:.1e} nats of the engine's value). In Python:
+## Reading it without kd
 
-```python
-from kdcore.format import TeacherDataset
-ds = TeacherDataset("{url_hint}")
-batch = next(ds.iter_batches())        # batch.topk_ids / batch.topk_logprobs: [tokens, {k}]
+```sql
+-- DuckDB: each position's top-1 id and the mass outside the top-k
+SELECT id, t, topk_ids[t][1] AS top1_id, exp(tail_logprobs[t]) AS tail_mass
+FROM (SELECT *, unnest(range(1, len(completion_ids) + 1)) AS t FROM 'data/*.parquet');
 ```
 
-or by hand with numpy: `-np.cumsum(np.array(deltas).reshape(-1, {k}), axis=1) / {scale}`.
+```python
+import numpy as np, pandas as pd
+df = pd.read_parquet("data")
+row = df.iloc[0]
+top1 = [ids[0] for ids in row.topk_ids]          # [T]
+tail_mass = np.exp(row.tail_logprobs)            # [T]
+```
 
 The full provenance (teacher, tokenizer, generation settings, shard checksums) is in `manifest.json`.
 """
 
 
-def write_card(fs, dataset_dir: str, manifest: dict) -> None:
+DTYPES = {"string": "string", "uint16": "uint16", "uint32": "uint32", "float": "float32"}  # Arrow -> HF names
+
+
+def feature_entry(t: pa.DataType) -> dict:
+    """An Arrow type as a `dataset_info.features` YAML entry, in the form `datasets` itself writes."""
+    if pa.types.is_list(t):
+        inner = feature_entry(t.value_type)
+        if "struct" in inner:  # a list of structs lists the struct's fields directly
+            return {"list": inner["struct"]}
+        return {"list": inner.get("dtype", inner)}
+    if pa.types.is_struct(t):
+        return {"struct": [{"name": t.field(i).name, **feature_entry(t.field(i).type)} for i in range(t.num_fields)]}
+    return {"dtype": DTYPES[str(t)]}
+
+
+def header(manifest: dict) -> dict:
+    """The card's YAML header: HF configs and dataset_info (features, split sizes)."""
+    sch = codec.schema(manifest["tokenizer"]["embedding_rows"], manifest["generation"]["k"])
+    return {
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": f"{kds.DATA_DIR}/train-*.parquet"}]}],
+        "dataset_info": {
+            "features": [{"name": f.name, **feature_entry(f.type)} for f in sch],
+            "splits": [{"name": "train", "num_bytes": manifest["totals"]["bytes"], "num_examples": manifest["totals"]["rows"]}],
+        },
+        "tags": ["knowledge-distillation", "kd-teacher-dataset"],
+    }
+
+
+def card_text(manifest: dict) -> str:
     g, t = manifest["generation"], manifest["totals"]
-    text = CARD.format(
+    sch = codec.schema(manifest["tokenizer"]["embedding_rows"], g["k"])
+    columns = "\n".join(f"| `{f.name}` | `{f.type}` | {COLUMNS[f.name]} |" for f in sch)
+    body = BODY.format(
         fingerprint=manifest["fingerprint"],
         teacher=manifest["teacher"]["source"],
         weights=manifest["teacher"]["weights_hash"][:16],
@@ -92,11 +131,10 @@ def write_card(fs, dataset_dir: str, manifest: dict) -> None:
         top_p=g["top_p"],
         max_new_tokens=g["max_new_tokens"],
         seed=g["seed"],
-        scale=manifest["encoding"]["logprob_scale"],
-        err=0.5 / manifest["encoding"]["logprob_scale"],
-        url_hint=f"path/to/{manifest['fingerprint']}",
+        columns=columns,
     )
-    fmt.write_bytes_atomic(fs, fmt.join(dataset_dir, fmt.CARD), text.encode("utf-8"))
+    return "---\n" + yaml.safe_dump(header(manifest), sort_keys=False, allow_unicode=True) + "---\n" + body
 
 
-__all__ = ["write_card", "json"]
+def write_card(fs, dataset_dir: str, manifest: dict) -> None:
+    kio.write_bytes_atomic(fs, kio.join(dataset_dir, kds.CARD), card_text(manifest))

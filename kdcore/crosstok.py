@@ -89,7 +89,7 @@ class AlignedRow:
 
 
 def align_rows(batch, prompts: list[tuple], ctx: CrossTok) -> list[AlignedRow]:
-    """Align every row of a `kdcore.format.Batch`; prompts[i] = (messages, prompt) of row i."""
+    """Align every row of a `kdcore.codec.Batch`; prompts[i] = (messages, prompt) of row i."""
     tt, st = ctx.teacher, ctx.student_tokenizer
     rows = batch.num_rows
     t_bytes, texts, cuts = [], [], []

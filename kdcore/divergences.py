@@ -5,7 +5,9 @@ log-probs (normalised over the full vocabulary). The student side is its log-sof
 those ids. Both sides become distributions over K categories:
 
 * ``tail="bucket"`` (default), K = k+1: the k top-k entries plus one **tail bucket** holding the
-  rest of the mass, ``log(1 - sum(exp(topk)))``, on each side. Mass-preserving: the divergence is
+  rest of the mass, ``log(1 - sum(exp(topk)))``, on each side — on the teacher's side the dataset's
+  stored ``tail_logprobs`` when given (format v2, docs/FORMAT.md: exact where the teacher is
+  confident, which 1 - sum of its rounded top-k is not; the k+1 buckets are then renormalised). Mass-preserving: the divergence is
   the exact divergence between the two distributions coarse-grained onto {top-k ids, everything
   else} — a lower bound of the full-vocabulary one (data processing inequality).
 * ``tail="renorm"``, K = k: both sides renormalised over the top-k ids (log-softmax over the k
@@ -121,34 +123,44 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.log(torch.clamp(-torch.expm1(torch.clamp(x, max=0.0)), min=TAIL_FLOOR))
 
 
-def bucket_logprobs(top: Tensor, tail: str, temperature: float) -> Tensor:
+def bucket_logprobs(top: Tensor, tail: str, temperature: float, tail_logprob: Tensor | None = None) -> Tensor:
     """One side's top-k log-probs -> tempered bucket log-probs.
 
     top: [N, k] log-probs normalised over the full vocabulary (-inf where an entry is dropped).
+    tail_logprob: [N] log of the mass outside `top` when it is known exactly (a teacher dataset's
+    `tail_logprobs`, dropped entries' mass included); None derives it as log(1 - sum(exp(top))),
+    which loses a confident teacher's tail when `top` is rounded (issue 12).
     returns: [N, k+1] for tail="bucket" (last column is the tail), [N, k] for tail="renorm";
     each row a distribution, entries floored at LOG_FLOOR.
     """
     if tail == "bucket":
-        top = torch.cat([top, _log1mexp(torch.logsumexp(top, -1, keepdim=True))], dim=-1)
+        if tail_logprob is None:
+            rest = _log1mexp(torch.logsumexp(top, -1, keepdim=True))
+        else:
+            rest = torch.clamp(tail_logprob.to(top.dtype)[:, None], min=math.log(TAIL_FLOOR), max=0.0)
+        top = torch.cat([top, rest], dim=-1)
     elif tail != "renorm":
         raise ValueError(f"unknown tail mode {tail!r}; choose one of {', '.join(TAILS)}")
-    if temperature != 1.0 or tail == "renorm":
+    if temperature != 1.0 or tail == "renorm" or tail_logprob is not None:
+        # a stored tail beside rounded top-k values sums to 1 only within their rounding: normalise,
+        # so the divergence sees a distribution (the error goes to the big entries, not the tail)
         top = F.log_softmax(top / temperature, dim=-1)
     return top.clamp(min=LOG_FLOOR)
 
 
 def sparse_kd_per_token(
-    student_topk: Tensor, teacher_topk: Tensor, spec: SparseKD
+    student_topk: Tensor, teacher_topk: Tensor, spec: SparseKD, teacher_tail: Tensor | None = None
 ) -> Tensor:
     """Per-token soft loss from gathered log-probs.
 
     student_topk: [N, k] student log-softmax (temperature 1) at the teacher's top-k ids.
     teacher_topk: [N, k] teacher log-probs (temperature 1), -inf for dropped entries.
+    teacher_tail: [N] the teacher's stored tail log-prob (see `bucket_logprobs`), or None.
     returns: [N], already multiplied by temperature^2.
     """
     student_topk = student_topk.masked_fill(torch.isneginf(teacher_topk), float("-inf"))
     dtype = torch.promote_types(teacher_topk.dtype, torch.float32)  # float64 stays float64 (evaluation)
-    t = bucket_logprobs(teacher_topk.to(dtype), spec.tail, spec.temperature)
+    t = bucket_logprobs(teacher_topk.to(dtype), spec.tail, spec.temperature, teacher_tail)
     s = bucket_logprobs(student_topk.to(dtype), spec.tail, spec.temperature)
     return divergence(t, s, spec.loss, spec.alpha, spec.beta) * spec.temperature**2
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcore.errors import KdError
-from kdcore.format import canonical_json, sha256_hex
+from kdcore.io import canonical_json, sha256_hex
 
 AUTO_COLUMNS = ("messages", "prompt", "text", "instruction", "question", "input")
 

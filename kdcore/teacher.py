@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from kdcore.errors import KdError
-from kdcore.format import canonical_json, sha256_hex
+from kdcore.io import canonical_json, sha256_hex, write_bytes_atomic
 from kdcore.models import ResolvedModel, cache_dir, resolve
 from kdcore.prompts import chat_template_of
 
@@ -50,9 +50,7 @@ class Teacher:
         record = {"architecture": info["architecture"], "context": info["context"], "tokenizer": self.tokenizer_info()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{id(self)}")
-            tmp.write_text(json.dumps(record))
-            tmp.replace(path)
+            write_bytes_atomic(None, path, json.dumps(record))
         except OSError:
             pass  # a read-only cache only costs the next cache hit a few seconds
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdcore.errors import KdError
-from kdcore.format import TeacherDataset
+from kdcore.dataset import TeacherDataset
 from kdcore.teacher import tokenizer_identity
 from kdcore.verify import require_valid
 

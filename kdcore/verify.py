@@ -1,9 +1,11 @@
 """`kdgen verify`: checksums plus the contract's invariants, on every shard.
 
-Invariants (../shared/DESIGN.md): all per-token arrays have length T; top-k is [T, k]; log-probs
-<= 0 and sorted; sum(exp(topk)) <= 1 + 1e-3; ids < vocab size; token_logprobs[t] equals the top-k
-entry of the sampled token when it is in the top-k. Plus: row ids unique, finish_reason valid,
-shard files exactly those the manifest lists, shard paths inside the dataset directory.
+Invariants (docs/FORMAT.md): all per-token arrays have length T; top-k is [T, k]; log-probs
+<= 0, not NaN, and sorted; sum(exp(topk)) <= 1 + 1e-3 and sum(exp(topk)) + exp(tail) = 1 within
+5e-3; ids < vocab size; token_logprobs[t] equals the top-k entry of the sampled token when it is in
+the top-k. Plus: row ids unique, finish_reason valid, each shard in the manifest's format version,
+shard files exactly those the manifest lists, shard paths inside the dataset directory. Format v1
+datasets are checked through the v1 reader (kdcore/codec_v1.py).
 
 `check_table` is the row-level part, used by the tests on every writer.
 """
@@ -17,41 +19,62 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kdcore import format as fmt
+from kdcore import codec
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdcore.errors import KdError
 
 
-def check_table(table: pa.Table, k: int, vocab: int, scale: int = fmt.LOGPROB_SCALE) -> list[str]:
-    """Problems with the rows of one shard (empty list when it keeps every invariant)."""
-    problems = []
+def _shape_problems(table: pa.Table, k: int, version: int) -> list[str]:
+    """Per-token columns of length T, top-k of [T, k], in the shard's format version."""
     t_len = pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
-    if not np.array_equal(pc.list_value_length(table["token_logprob_codes"]).to_numpy(zero_copy_only=False), t_len):
-        problems.append("token_logprob_codes length differs from completion_ids")
-    for col in ("topk_ids", "topk_logprob_deltas"):
-        if not np.array_equal(pc.list_value_length(table[col]).to_numpy(zero_copy_only=False), t_len * k):
-            problems.append(f"{col} is not [T, k={k}] for every row")
+    per_token = {"token_logprob_codes": 1, "topk_ids": k, "topk_logprob_deltas": k} if version == 1 else {"token_logprobs": 1, "tail_logprobs": 1, "topk_ids": 1, "topk_logprobs": 1}
+    problems = []
+    for col, width in per_token.items():
+        if col not in table.column_names:
+            problems.append(f"column {col} is missing (format v{version})")
+        elif not np.array_equal(pc.list_value_length(table[col]).to_numpy(zero_copy_only=False), t_len * width):
+            problems.append(f"{col} does not hold {'T' if width == 1 else f'T*{k}'} values for every row")
+    if version != 1 and not problems:
+        for col in ("topk_ids", "topk_logprobs"):
+            if not codec.nested_lengths_ok(table[col], k):
+                problems.append(f"{col} is not [T, k={k}] for every row")
+    return problems
+
+
+def check_table(table: pa.Table, k: int, vocab: int) -> list[str]:
+    """Problems with the rows of one shard, v2 or v1 (empty list when it keeps every invariant)."""
+    version = codec.table_version(table.schema.metadata)
+    problems = _shape_problems(table, k, version)
     if problems:
         return problems
-    b = fmt.decode_table(table, k, scale, text=True)
+    b = codec.decode_any(table, k, text=True)
     if b.completion_ids.size:
         if b.topk_ids.max() >= vocab or b.completion_ids.max() >= vocab:
             problems.append(f"token ids >= vocab size {vocab}")
-        if (b.topk_logprobs > 0).any() or (b.token_logprobs > 1e-4).any():
+        if (b.topk_logprobs > 0).any() or (b.token_logprobs > 1e-4).any() or (b.tail_logprobs > 0).any():
             problems.append("positive log-probs")
+        if np.isnan(b.topk_logprobs).any() or np.isnan(b.token_logprobs).any() or np.isnan(b.tail_logprobs).any():
+            problems.append("NaN log-probs")
         if (np.diff(b.topk_logprobs, axis=1) > 0).any():
             problems.append("top-k log-probs not sorted descending")
         mass = np.exp(b.topk_logprobs.astype(np.float64)).sum(1)
         if (mass > 1 + 1e-3).any():
             problems.append(f"top-k probability mass above 1 (max {mass.max():.4f})")
-        # token_logprobs[t] equals the top-k entry when the sampled token is in the top-k: the
-        # encoding stores code 0 exactly there (the writer checked the engine's values agree), so
-        # here: code 0 <=> in the top-k, and an explicit log-prob must not beat the k-th entry.
-        hit = (b.topk_ids == b.completion_ids[:, None]).any(axis=1)
-        codes, _ = fmt.flat_list(table["token_logprob_codes"])
-        if not np.array_equal(codes == 0, hit):
-            problems.append("token_logprob_codes disagree with whether the sampled token is in the top-k")
-        outside = ~hit
-        if outside.any() and (b.token_logprobs[outside] > b.topk_logprobs[outside, -1] + 1.0 / scale).any():
+        # the top-k and the tail make one distribution (v2 rounds the top-k to 11 significant bits:
+        # the sum moves by at most 2^-11 * sum(p*|lp|), < 5e-3 for any k up to thousands)
+        total = mass + b.tail_mass()
+        if (np.abs(total - 1.0) > 5e-3).any():
+            problems.append(f"sum(exp(topk_logprobs)) + exp(tail_logprobs) is not 1 (worst {total[np.abs(total - 1).argmax()]:.5f})")
+        # token_logprobs[t] equals the top-k entry of the sampled token when it is in the top-k (the
+        # writer takes it from there); outside, it must not beat the k-th entry
+        hit = b.topk_ids == b.completion_ids[:, None]
+        found = hit.any(axis=1)
+        at = b.topk_logprobs[np.arange(len(found)), hit.argmax(axis=1)]
+        if (b.token_logprobs[found] != at[found]).any():
+            problems.append("token_logprobs differ from the sampled token's top-k entry")
+        outside = ~found
+        if outside.any() and (b.token_logprobs[outside] > b.topk_logprobs[outside, -1] + 2e-3).any():
             problems.append("a sampled token outside the top-k has a higher log-prob than the k-th entry")
     if len(b.prompt_ids) and max((p.max() for p in b.prompt_ids if p.size), default=0) >= vocab:
         problems.append(f"prompt ids >= vocab size {vocab}")
@@ -69,7 +92,7 @@ def _row_prompt_hashes(table: pa.Table) -> list[str]:
     messages = table["messages"].to_pylist() if "messages" in cols else [None] * table.num_rows
     texts = table["prompt"].to_pylist() if "prompt" in cols else [None] * table.num_rows
     return [
-        fmt.sha256_hex(fmt.canonical_json({"messages": m} if m is not None else {"text": t}))
+        kio.sha256_hex(kio.canonical_json({"messages": m} if m is not None else {"text": t}))
         for m, t in zip(messages, texts)
     ]
 
@@ -81,7 +104,7 @@ def _ids_not_from_their_prompts(table: pa.Table, manifest: dict) -> int:
         return 0
     n = manifest["generation"]["n"]
     ids = table["id"].to_pylist()
-    return sum(rid not in {fmt.row_id(h, s) for s in range(n)} for rid, h in zip(ids, _row_prompt_hashes(table)))
+    return sum(rid not in {kds.row_id(h, s) for s in range(n)} for rid, h in zip(ids, _row_prompt_hashes(table)))
 
 
 def _prompt_hashes(table: pa.Table, manifest: dict) -> list[str]:
@@ -92,20 +115,19 @@ def _prompt_hashes(table: pa.Table, manifest: dict) -> list[str]:
 
 def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
     """Returns (manifest, problems). Each problem names the shard and what is wrong with it."""
-    fs, path = fmt.open_fs(url)
-    manifest = fmt.read_manifest(fs, path)
+    fs, path = kio.open_fs(url)
+    manifest = kds.read_manifest(fs, path)
     if manifest is None:
-        if fs.exists(fmt.join(path, fmt.DATA_DIR)):
+        if fs.exists(kio.join(path, kds.DATA_DIR)):
             return None, [f"{url}: no manifest.json — the generation did not finish; re-run `kdgen generate` to resume"]
         return None, [f"{url}: not a teacher dataset (no manifest.json)"]
     problems = []
     try:
         core = {key: manifest[key] for key in ("teacher", "tokenizer", "generation", "prompts")}
         core["format_version"] = manifest["format_version"]
-        if fmt.fingerprint(core) != manifest["fingerprint"]:
+        if kds.fingerprint(core) != manifest["fingerprint"]:
             problems.append("manifest.json: the fingerprint does not match its recorded settings (edited manifest?)")
         k, vocab = manifest["generation"]["k"], manifest["tokenizer"]["vocab_size"]
-        scale = manifest["encoding"]["logprob_scale"]
         listed = manifest["shards"]
     except (KeyError, TypeError) as e:
         return manifest, [f"manifest.json: missing field {e}; the manifest is damaged"]
@@ -117,11 +139,11 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
     rows = tokens = 0
     for s in listed:
         rel = s.get("path", "") if isinstance(s, dict) else s
-        if not fmt.is_safe_shard_path(rel):
+        if not kds.is_safe_shard_path(rel):
             problems.append(f"{rel}: shard path is not data/train-NNNNN-of-NNNNN.parquet inside the dataset directory; refusing to read it")
             continue
         names.add(posixpath.basename(rel))
-        full = fmt.join(path, rel)
+        full = kio.join(path, rel)
         if not fs.exists(full):
             problems.append(f"{rel}: missing")
             continue
@@ -130,7 +152,7 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
         if len(data) != s["bytes"]:
             problems.append(f"{rel}: size {len(data)} bytes, manifest says {s['bytes']} (truncated or replaced)")
             continue
-        if fmt.sha256_hex(data) != s["sha256"]:
+        if kio.sha256_hex(data) != s["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (corrupted or replaced)")
             continue
         try:
@@ -143,6 +165,9 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
         meta = table.schema.metadata or {}
         if meta.get(b"kd.k", str(k).encode()) != str(k).encode():
             problems.append(f"{rel}: written with k={meta[b'kd.k'].decode()}, the dataset has k={k} (a shard from another dataset?)")
+            continue
+        if codec.table_version(meta) != manifest["format_version"]:
+            problems.append(f"{rel}: written in format v{codec.table_version(meta)}, the manifest says v{manifest['format_version']}")
             continue
         own = meta.get(b"kd.fingerprint")
         if own is not None and own.decode() != manifest["fingerprint"]:
@@ -160,12 +185,12 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
             problems.append(f"{rel}: {len(dup)} row id(s) also in another shard")
         seen_ids.update(ids)
         if deep:
-            problems += [f"{rel}: {p}" for p in check_table(table, k, vocab, scale)]
-    for extra in sorted(set(fmt.list_shards(fs, path)) - names):
-        problems.append(f"{fmt.DATA_DIR}/{extra}: shard file not listed in the manifest (from another run or dataset?)")
+            problems += [f"{rel}: {p}" for p in check_table(table, k, vocab)]
+    for extra in sorted(set(kds.list_shards(fs, path)) - names):
+        problems.append(f"{kds.DATA_DIR}/{extra}: shard file not listed in the manifest (from another run or dataset?)")
     if not problems and manifest["generation"].get("kind") == "generate":
         # the rows, in shard order, must be exactly the manifest's prompt set (prompts.content_hash)
-        if fmt.sha256_hex("\n".join(prompt_hashes)) != manifest["prompts"].get("content_hash"):
+        if kio.sha256_hex("\n".join(prompt_hashes)) != manifest["prompts"].get("content_hash"):
             problems.append("the rows' prompts, in shard order, are not the manifest's prompt set (prompts.content_hash): shards from another dataset, or rows missing or reordered")
     totals = manifest.get("totals", {})
     if not problems and (totals.get("rows") != rows or totals.get("tokens") != tokens):

@@ -10,7 +10,7 @@ another tokenizer than the teacher's), `quality` (ROUGE/BLEU through local `eval
 `models` (loading, tokenizer matching, cost), `generate` (greedy generation, speed and memory;
 vLLM in a worker process),
 `run` (the `kdeval run` stage), `report` (`kdeval compare`: REPORT.md and plots), `harness`
-(`kdeval lm-eval`). kdeval reads teacher datasets only through `kdcore.format.TeacherDataset`.
+(`kdeval lm-eval`). kdeval reads teacher datasets only through `kdcore.dataset.TeacherDataset`.
 """
 
 __version__ = "0.1.0"

@@ -35,16 +35,18 @@ ECE_BINS = 15
 FKL = SparseKD(loss="fkl", tail="bucket", temperature=1.0)  # what kdeval reports as "kl" (token and span level)
 
 
-def sparse_kl(teacher_topk: torch.Tensor, student_topk: torch.Tensor) -> torch.Tensor:
+def sparse_kl(teacher_topk: torch.Tensor, student_topk: torch.Tensor, teacher_tail: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) over the teacher's top-k ids plus one tail bucket, per token: the
     training loss's forward KL (`kdcore.divergences`, tails floored, so a student whose top-k holds
     all of its mass in floating point gives a finite KL), in float64.
 
     teacher_topk: [N, k] teacher log-probs (normalised over the full vocabulary; -inf = dropped)
     student_topk: [N, k] student log-probs at the same ids (normalised over the full vocabulary)
+    teacher_tail: [N] the dataset's tail log-prob (dropped entries' mass included), or None: derived
     returns:      [N] float64 nats
     """
-    return sparse_kd_per_token(student_topk.double(), teacher_topk.double(), FKL)
+    tail = teacher_tail.double() if teacher_tail is not None else None
+    return sparse_kd_per_token(student_topk.double(), teacher_topk.double(), FKL, tail)
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -97,11 +99,13 @@ class TokenStats:
         return out
 
 
-def token_measures(student_logp: torch.Tensor, completion_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> dict:
+def token_measures(
+    student_logp: torch.Tensor, completion_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprobs: torch.Tensor | None = None
+) -> dict:
     """Per-token fidelity measures from the student's full log-softmax at completion positions.
 
     student_logp:   [N, V] float32 log-softmax (position t predicts completion token t)
-    completion_ids: [N] the teacher's tokens; topk_ids: [N, k]; topk_logprobs: [N, k]
+    completion_ids: [N] the teacher's tokens; topk_ids: [N, k]; topk_logprobs: [N, k]; tail_logprobs: [N] or None
     returns dict of [N] numpy arrays: kl, top1, confidence, correct, nll
     """
     # teacher ids beyond the student's rows (a padded teacher vocabulary) are dropped into the tail
@@ -109,9 +113,11 @@ def token_measures(student_logp: torch.Tensor, completion_ids: torch.Tensor, top
     beyond = topk_ids >= student_logp.shape[-1]
     s_topk = student_logp.gather(-1, topk_ids.masked_fill(beyond, 0))
     t_topk = topk_logprobs.masked_fill(beyond, float("-inf"))
+    if tail_logprobs is not None and beyond.any():
+        tail_logprobs = torch.logaddexp(tail_logprobs.double(), torch.logsumexp(topk_logprobs.double().masked_fill(~beyond, float("-inf")), -1))
     best_lp, best = student_logp.max(-1)
     return {
-        "kl": sparse_kl(t_topk, s_topk).numpy(),
+        "kl": sparse_kl(t_topk, s_topk, tail_logprobs).numpy(),
         "top1": (best == topk_ids[:, 0]).numpy(),
         "confidence": best_lp.double().exp().numpy(),
         "correct": (best == completion_ids).numpy(),
@@ -136,7 +142,7 @@ def _row_chunks(lengths: list[int], vocab: int, batch_rows: int) -> list[list[in
 
 @torch.no_grad()
 def score_model(model, dataset, batch_rows: int = 8, limit: int | None = None, token_bytes: np.ndarray | None = None) -> dict:
-    """Teacher-force `model` on every row of `dataset` (a `kdcore.format.TeacherDataset`).
+    """Teacher-force `model` on every row of `dataset` (a `kdcore.dataset.TeacherDataset`).
 
     Rows are right-padded (positions start at 0 in every row, so causal attention needs no shift).
     token_bytes: [V] bytes each token id stands for (0 for special tokens), for NLL per byte.
@@ -173,6 +179,7 @@ def score_model(model, dataset, batch_rows: int = 8, limit: int | None = None, t
                     torch.from_numpy(batch.completion_ids[a:b]),
                     torch.from_numpy(batch.topk_ids[a:b]),
                     torch.from_numpy(batch.topk_logprobs[a:b]),
+                    torch.from_numpy(batch.tail_logprobs[a:b]),
                 )
                 ids = batch.completion_ids[a:b]
                 if token_bytes is not None:  # ids past the tokenizer (padded embedding rows) spell nothing

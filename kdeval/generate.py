@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 from kdcore.backends import Request, SamplingConfig, request_seed
 from kdcore.errors import KdError
-from kdcore.format import sha256_hex
+from kdcore.io import sha256_hex, write_bytes_atomic
 
 
 @dataclass
@@ -236,10 +236,7 @@ def _worker(spec_path: str, out_path: str) -> int:
         result, status = {"generated": done}, 0
     except Exception as e:  # reported by the parent as one line
         result, status = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}", "model": path}, 1
-    tmp = f"{out_path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f)
-    os.replace(tmp, out_path)
+    write_bytes_atomic(None, out_path, json.dumps(result))
     return status
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import kdeval
 from kdeval.config import CompareConfig, validate_compare
 from kdcore.errors import KdError
-from kdcore.format import now_iso
+from kdcore.io import now_iso, write_bytes_atomic
 
 # (key, header, where it lives, higher is better, format)
 COLUMNS = [
@@ -247,9 +247,7 @@ def write_report(results: dict, out: str, samples: int = 3) -> list[str]:
             lines += [f"## {title}", "", f"![{title}]({name})", ""]
     lines += _samples_md(results.get("samples", [])[:samples])
     path = os.path.join(out, "REPORT.md")
-    tmp = path + ".tmp"
-    Path(tmp).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(None, path, "\n".join(lines) + "\n")
     return ["REPORT.md", *written]
 
 
@@ -270,10 +268,7 @@ def _samples_md(samples: list[dict]) -> list[str]:
 
 def write_json(path: str, obj: dict) -> None:
     """Temp name then rename: readers never see half a results file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp, path)
+    write_bytes_atomic(None, path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def load_results(path: str) -> dict:

@@ -27,7 +27,8 @@ from kdeval.models import EvalModel, count_parameters, load_weights, prepare, si
 from kdeval.report import write_json, write_report
 from kdcore.backends import SamplingConfig, default_backend, engine_version
 from kdcore.errors import KdError
-from kdcore.format import TeacherDataset, canonical_json, now_iso, sha256_hex
+from kdcore.dataset import TeacherDataset
+from kdcore.io import canonical_json, now_iso, sha256_hex
 from kdcore.progress import console, status
 from kdcore.prompts import Prompt, chat_template_of, encode_prompt, load_prompts
 

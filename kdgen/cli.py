@@ -1,4 +1,4 @@
-"""`kdgen` command line: generate, score, ls, info, verify, merge, push, pull.
+"""`kdgen` command line: generate, score, ls, info, verify, merge, push, pull, upgrade.
 
 The typer app is the one registry of commands. `generate` and `score` are generated from
 `kdgen.config.GenerateConfig` by `kdcore.cli` (one flag per field, `--config FILE`, trailing
@@ -46,7 +46,7 @@ def ls(root: str = typer.Argument(..., help="Directory or URL holding teacher da
     """List the complete datasets under ROOT."""
     from rich.table import Table
 
-    from kdcore.format import list_datasets
+    from kdcore.dataset import list_datasets
     from kdcore.progress import console
 
     found = list_datasets(root)
@@ -93,7 +93,7 @@ def _size(n: int) -> str:
 @app.command()
 def info(dataset: str = typer.Argument(..., help="Dataset directory or URL (ROOT/<fingerprint>)."), as_json: bool = typer.Option(False, "--json")):
     """Teacher, prompts, rows, tokens, bytes/token, k and fingerprint of a dataset."""
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
 
     m = TeacherDataset(dataset).manifest
     if as_json:
@@ -108,6 +108,7 @@ def info(dataset: str = typer.Argument(..., help="Dataset directory or URL (ROOT
         ("tokens", f"{b['tokens']:,}"),
         ("bytes/token", f"{b['bytes_per_token']}  ({_size(b['bytes'])} in {len(m['shards'])} shard(s))"),
         ("k", str(g["k"])),
+        ("format", f"v{m['format_version']}" + (" (read-only: `kdgen upgrade` rewrites it as v2)" if m["format_version"] == 1 else "")),
         ("generation", f"{g['kind']} via {g['backend']} ({g['engine_version']}), T={g['temperature']} top_p={g['top_p']} max_new={g['max_new_tokens']} n={g['n']} seed={g['seed']}"),
         ("throughput", f"{m.get('tokens_per_s') or '-'} tokens/s, wall {m.get('wall_time_s')} s"),
         ("created", b["created"]),
@@ -176,6 +177,20 @@ def pull(
 ):
     """Copy a dataset from a shared store: sha256 checked per shard, resumable, manifest last."""
     _copy(src, dest)
+
+
+@app.command()
+def upgrade(
+    src: str = typer.Argument(..., help="A format v1 dataset (ROOT/<fingerprint>)."),
+    dest: str = typer.Argument(..., help="Root for the v2 dataset; it lands at DEST/<new fingerprint>."),
+):
+    """Rewrite a format v1 dataset as v2 (plain ids and log-probs, explicit tail); print its URL."""
+    from kdcore.progress import console
+    from kdgen.upgrade import upgrade as run_upgrade
+
+    url = run_upgrade(src, dest)
+    console.print(f"[green]upgraded:[/] {src} (v1) -> {url} (v2)")
+    print(url)
 
 
 def main() -> None:

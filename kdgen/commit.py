@@ -15,7 +15,9 @@ import posixpath
 from dataclasses import asdict
 
 import kdgen
-from kdcore import format as fmt
+from kdcore import codec
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdcore.errors import KdError
 from kdcore.progress import console
 from kdgen import locks
@@ -26,7 +28,7 @@ from kdgen.plan import PLAN, Job, dataset_lock
 def commit(job: Job, num_shards: int, wall: float, gen_wall: float, gen_tokens: int) -> None:
     """Every shard is written: commit the dataset under its lock, unless another process just did."""
     with dataset_lock(job.fs, job.dataset_dir):
-        manifest = fmt.read_manifest(job.fs, job.dataset_dir)
+        manifest = kds.read_manifest(job.fs, job.dataset_dir)
         committed_here = manifest is None
         if committed_here:
             manifest = finalize(job.fs, job.dataset_dir, job.manifest_core, job.cfg, wall, gen_wall, gen_tokens, num_shards)
@@ -43,33 +45,27 @@ def finalize(
     """
     from kdcore.card import write_card
 
-    names = fmt.list_shards(fs, dataset_dir)
+    names = kds.list_shards(fs, dataset_dir)
     if num_shards is not None:
-        planned = {fmt.shard_name(i, num_shards) for i in range(num_shards)}
+        planned = {kds.shard_name(i, num_shards) for i in range(num_shards)}
         strays = [n for n in names if n not in planned]
         if strays:
             console.print(f"[yellow]note:[/] removing {len(strays)} shard(s) of an earlier plan of this dataset (their rows are in the new shards)")
             for n in strays:
-                fs.rm(fmt.join(dataset_dir, fmt.DATA_DIR, n))
+                fs.rm(kio.join(dataset_dir, kds.DATA_DIR, n))
         names = [n for n in names if n in planned]
-    shards = [fmt.shard_entry_from_file(fs, dataset_dir, f"{fmt.DATA_DIR}/{n}") for n in names]
+    shards = [kds.shard_entry_from_file(fs, dataset_dir, f"{kds.DATA_DIR}/{n}") for n in names]
     rows = sum(s["rows"] for s in shards)
     tokens = sum(s["tokens"] for s in shards)
     nbytes = sum(s["bytes"] for s in shards)
-    ids_t = fmt.id_type(core["tokenizer"]["embedding_rows"])
     manifest = {
-        "format_version": fmt.FORMAT_VERSION,
-        "fingerprint": fmt.fingerprint(core),
+        "format_version": codec.FORMAT_VERSION,
+        "fingerprint": kds.fingerprint(core),
         "kdgen_version": kdgen.__version__,
-        "created": fmt.now_iso(),
+        "created": kio.now_iso(),
         "created_by": _who(),
         **{key: core[key] for key in ("teacher", "tokenizer", "generation", "prompts")},
-        "encoding": {
-            "id_type": str(ids_t),
-            "logprob_scale": fmt.LOGPROB_SCALE,
-            "topk_layout": "flat T*k per row, position-major; logprob = -cumsum(topk_logprob_deltas)/logprob_scale",
-            "parquet": {k: v for k, v in fmt.PARQUET_OPTIONS.items() if k != "column_encoding"},
-        },
+        "encoding": codec.encoding_info(core["tokenizer"]["embedding_rows"]),
         "shards": shards,
         "totals": {
             "rows": rows,
@@ -80,18 +76,18 @@ def finalize(
         "wall_time_s": round(wall, 2),
         "generation_time_s": round(gen_wall, 2),
         "tokens_per_s": round(gen_tokens / gen_wall, 1) if gen_wall > 0 else None,
-        "fingerprint_fields": list(fmt.FINGERPRINT_FIELDS),
+        "fingerprint_fields": list(kds.FINGERPRINT_FIELDS),
         "config": asdict(cfg) if not isinstance(cfg, dict) else cfg,
     }
     write_card(fs, dataset_dir, manifest)
-    for p in fs.ls(fmt.join(dataset_dir, locks.LOCK_DIR), detail=False) if fs.exists(fmt.join(dataset_dir, locks.LOCK_DIR)) else []:
+    for p in fs.ls(kio.join(dataset_dir, locks.LOCK_DIR), detail=False) if fs.exists(kio.join(dataset_dir, locks.LOCK_DIR)) else []:
         if not p.rstrip("/").endswith("/dataset.lock"):
             fs.rm(p)  # shard claims left by killed runs: every shard is complete now
-    for p in fs.ls(fmt.join(dataset_dir, fmt.DATA_DIR), detail=False):
-        if p.rstrip("/").rsplit("/", 1)[-1].startswith(fmt.TMP_PREFIX):
+    for p in fs.ls(kio.join(dataset_dir, kds.DATA_DIR), detail=False):
+        if p.rstrip("/").rsplit("/", 1)[-1].startswith(kio.TMP_PREFIX):
             fs.rm(p)  # leftovers of interrupted writes
-    fmt.write_manifest(fs, dataset_dir, manifest)
-    plan = fmt.join(dataset_dir, PLAN)
+    kds.write_manifest(fs, dataset_dir, manifest)
+    plan = kio.join(dataset_dir, PLAN)
     if fs.exists(plan):
         fs.rm(plan)
     return manifest
@@ -118,36 +114,36 @@ def summary(m: dict) -> str:
 def merge(url: str, sources: list[str] = ()) -> dict:
     """Finish a dataset written in slices: copy in shards from `sources` (other machines' copies of
     the same OUT/<fingerprint>), check every planned shard is there, then commit it."""
-    fs, path = fmt.open_fs(url)
-    if fmt.read_manifest(fs, path) is not None:
+    fs, path = kio.open_fs(url)
+    if kds.read_manifest(fs, path) is not None:
         raise KdError(f"{url} is already complete (it has a manifest)")
     for src in sources:
-        sfs, spath = fmt.open_fs(src)
-        if not sfs.exists(fmt.join(spath, PLAN)):
+        sfs, spath = kio.open_fs(src)
+        if not sfs.exists(kio.join(spath, PLAN)):
             raise KdError(f"{src}: not a slice of a sliced `kdgen generate` (no {PLAN})")
-        with sfs.open(fmt.join(spath, PLAN), "rb") as f:
+        with sfs.open(kio.join(spath, PLAN), "rb") as f:
             if json.loads(f.read())["fingerprint"] != posixpath.basename(path.rstrip("/")):
                 raise KdError(f"{src} is a slice of a different dataset than {url}")
-        fs.makedirs(fmt.join(path, fmt.DATA_DIR), exist_ok=True)
-        if not fs.exists(fmt.join(path, PLAN)):
-            with sfs.open(fmt.join(spath, PLAN), "rb") as f:
-                fmt.write_bytes_atomic(fs, fmt.join(path, PLAN), f.read())
-        for name in fmt.list_shards(sfs, spath):
-            dest = fmt.join(path, fmt.DATA_DIR, name)
+        fs.makedirs(kio.join(path, kds.DATA_DIR), exist_ok=True)
+        if not fs.exists(kio.join(path, PLAN)):
+            with sfs.open(kio.join(spath, PLAN), "rb") as f:
+                kio.write_bytes_atomic(fs, kio.join(path, PLAN), f.read())
+        for name in kds.list_shards(sfs, spath):
+            dest = kio.join(path, kds.DATA_DIR, name)
             if not fs.exists(dest):
-                with sfs.open(fmt.join(spath, fmt.DATA_DIR, name), "rb") as f:
-                    fmt.write_bytes_atomic(fs, dest, f.read())
-    plan_path = fmt.join(path, PLAN)
+                with sfs.open(kio.join(spath, kds.DATA_DIR, name), "rb") as f:
+                    kio.write_bytes_atomic(fs, dest, f.read())
+    plan_path = kio.join(path, PLAN)
     if not fs.exists(plan_path):
         raise KdError(f"{url}: no generation plan found; point at OUT/<fingerprint> of a sliced `kdgen generate`")
     with fs.open(plan_path, "rb") as f:
         plan = json.loads(f.read())
-    present = set(fmt.list_shards(fs, path))
-    missing = [fmt.shard_name(i, plan["num_shards"]) for i in range(plan["num_shards"]) if fmt.shard_name(i, plan["num_shards"]) not in present]
+    present = set(kds.list_shards(fs, path))
+    missing = [kds.shard_name(i, plan["num_shards"]) for i in range(plan["num_shards"]) if kds.shard_name(i, plan["num_shards"]) not in present]
     if missing:
         raise KdError(f"{url}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}...); finish the other slices first")
     core, cfg = plan["core"], plan["config"]
     with dataset_lock(fs, path):
-        manifest = fmt.read_manifest(fs, path) or finalize(fs, path, core, cfg, 0.0, 0.0, 0, plan["num_shards"])
+        manifest = kds.read_manifest(fs, path) or finalize(fs, path, core, cfg, 0.0, 0.0, 0, plan["num_shards"])
     locks.remove_lock_dir(fs, path)
     return manifest

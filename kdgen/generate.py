@@ -29,7 +29,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from kdcore import format as fmt
+from kdcore import codec
+import kdcore.dataset as kds
 from kdcore.backends import Request, SamplingConfig, make_backend, request_seed
 from kdcore.errors import KdError
 from kdcore.progress import RowProgress, console, status
@@ -50,7 +51,7 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
     holds; the plan and the commit happen under the dataset lock (kdgen/locks.py).
     """
     url, job = _run(cfg, kind)
-    if job is not None and fmt.read_manifest(job.fs, job.dataset_dir) is not None:
+    if job is not None and kds.read_manifest(job.fs, job.dataset_dir) is not None:
         # every process that leaves a committed dataset tidies up once its own locks are gone, so the
         # last one out removes the lock directory whichever path (commit, or "another process did") it took
         locks.remove_lock_dir(job.fs, job.dataset_dir)
@@ -61,7 +62,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, Job | None]:
     t0 = time.perf_counter()
     with status(f"resolving teacher {cfg.teacher} and reading prompts"):
         job = locate(cfg, kind)
-        existing = fmt.read_manifest(job.fs, job.dataset_dir)
+        existing = kds.read_manifest(job.fs, job.dataset_dir)
         if existing is None and not every_shard_written(job):
             job.load()
     if existing is not None:
@@ -70,7 +71,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, Job | None]:
     check_output(job)
     plan = claim_plan(job)
     if plan is None:
-        console.print(f"[green]cache hit:[/] {job.url} was completed by another process ({summary(fmt.read_manifest(job.fs, job.dataset_dir))})")
+        console.print(f"[green]cache hit:[/] {job.url} was completed by another process ({summary(kds.read_manifest(job.fs, job.dataset_dir))})")
         return job.url, job
     shards = blocks(plan, len(job.prompts))
     mine = [i for i in range(len(shards)) if i % cfg.num_shards == cfg.shard_index]
@@ -80,8 +81,8 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, Job | None]:
         return job.url, job
     if work.reused or (work.reuse is not None):
         console.print(f"rows: {work.reused} reused from existing datasets, {work.generated} generated")
-    present = set(fmt.list_shards(job.fs, job.dataset_dir))
-    missing = [i for i in range(len(shards)) if fmt.shard_name(i, len(shards)) not in present]
+    present = set(kds.list_shards(job.fs, job.dataset_dir))
+    missing = [i for i in range(len(shards)) if kds.shard_name(i, len(shards)) not in present]
     if missing:
         console.print(
             f"slice {cfg.shard_index} of {cfg.num_shards} done; {len(missing)} shard(s) still missing (other slices). "
@@ -97,7 +98,7 @@ def _write_shards(job: Job, work: "_Work", shards: list[range], mine: list[int])
     for shards another process holds. False when another process committed the dataset meanwhile."""
     num, n = len(shards), job.n
     total_rows = sum(len(shards[i]) * n for i in mine)
-    pending = [i for i in mine if not _shard_is_complete(job, fmt.shard_name(i, num), len(shards[i]) * n)]
+    pending = [i for i in mine if not _shard_is_complete(job, kds.shard_name(i, num), len(shards[i]) * n)]
     done_rows = total_rows - sum(len(shards[i]) * n for i in pending)
     if done_rows:
         console.print(f"resuming: {done_rows} of {total_rows} rows already in complete shards")
@@ -105,7 +106,7 @@ def _write_shards(job: Job, work: "_Work", shards: list[range], mine: list[int])
         job.load()
         reuse = RowReuse(job.fs, job.root, job.manifest_core, exclude=job.fingerprint)
         if len(reuse):
-            want = [fmt.row_id(job.prompts[p].content_hash, s) for i in pending for p in shards[i] for s in range(n)]
+            want = [kds.row_id(job.prompts[p].content_hash, s) for i in pending for p in shards[i] for s in range(n)]
             found = reuse.count(want)
             console.print(
                 f"row reuse: {found} of {len(want)} rows already exist in {len(reuse.sources)} dataset(s) under "
@@ -118,7 +119,7 @@ def _write_shards(job: Job, work: "_Work", shards: list[range], mine: list[int])
             while pending:
                 progressed = False
                 for i in list(pending):
-                    name, expected = fmt.shard_name(i, num), len(shards[i]) * n
+                    name, expected = kds.shard_name(i, num), len(shards[i]) * n
                     if _shard_is_complete(job, name, expected):  # written by another process
                         pending.remove(i)
                         bar.advance(expected, 0)
@@ -127,14 +128,14 @@ def _write_shards(job: Job, work: "_Work", shards: list[range], mine: list[int])
                     if not claim.try_acquire():
                         continue  # another process is writing it
                     try:
-                        if fmt.read_manifest(job.fs, job.dataset_dir) is not None:
+                        if kds.read_manifest(job.fs, job.dataset_dir) is not None:
                             return False
                         if not _shard_is_complete(job, name, expected):
                             rows = work.rows_for(shards[i], bar)
                             if claim.lost:
                                 raise KdError(f"lost the claim on {name} to another process (this one stalled for minutes); run the command again")
-                            table = fmt.rows_to_table(rows, job.teacher.embedding_rows, job.cfg.k)
-                            fmt.write_shard(job.fs, job.dataset_dir, name, table, job.fingerprint)
+                            table = codec.rows_to_table(rows, job.teacher.embedding_rows, job.cfg.k)
+                            kds.write_shard(job.fs, job.dataset_dir, name, table, job.fingerprint)
                         else:
                             bar.advance(expected, 0)
                     finally:
@@ -143,7 +144,7 @@ def _write_shards(job: Job, work: "_Work", shards: list[range], mine: list[int])
                     progressed = True
                 if pending and not progressed:
                     if not waiting_noted:
-                        holders = {locks.describe(FileLock(job.fs, lock_path(job.dataset_dir, fmt.shard_name(i, num))).holder() or {}) for i in pending}
+                        holders = {locks.describe(FileLock(job.fs, lock_path(job.dataset_dir, kds.shard_name(i, num))).holder() or {}) for i in pending}
                         console.print(f"waiting for {len(pending)} shard(s) that another process is writing ({'; '.join(sorted(holders))})")
                         waiting_noted = True
                     _pause()
@@ -162,7 +163,7 @@ def _requests_for(job: Job, prompt_indices: range) -> tuple[list[Request], list[
     for i in prompt_indices:
         p = job.prompts[i]
         for s in range(n):
-            rid = fmt.row_id(p.content_hash, s)
+            rid = kds.row_id(p.content_hash, s)
             comp = job.completion_ids[i] if job.completion_ids is not None else None
             reqs.append(Request(rid, job.prompt_ids[i], request_seed(job.cfg.seed, rid), comp))
             meta.append((p, job.prompt_ids[i]))
@@ -197,11 +198,11 @@ class _Work:
                 )
         return self.backend
 
-    def rows_for(self, prompt_indices: range, bar: RowProgress) -> list[fmt.Row]:
+    def rows_for(self, prompt_indices: range, bar: RowProgress) -> list[codec.Row]:
         """The rows of these prompts, in the order an uninterrupted run writes them."""
         job, cfg = self.job, self.job.cfg
         reqs, meta = _requests_for(job, prompt_indices)
-        rows: list[fmt.Row | None] = [None] * len(reqs)
+        rows: list[codec.Row | None] = [None] * len(reqs)
         todo = []
         for j, (r, (p, pids)) in enumerate(zip(reqs, meta)):
             old = self.reuse.get(r.row_id, pids, r.completion_ids) if self.reuse is not None else None
@@ -229,7 +230,7 @@ class _Work:
             self.gen_wall += time.perf_counter() - tb
             for j, r, o in zip(idx, chunk, outs):
                 p, pids = meta[j]
-                rows[j] = fmt.Row(
+                rows[j] = codec.Row(
                     id=r.row_id,
                     messages=p.messages,
                     prompt=p.text,

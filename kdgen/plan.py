@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-from kdcore import format as fmt
+from kdcore import codec
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdcore.backends import default_backend, engine_version
 from kdcore.errors import KdError
 from kdcore.models import ResolvedModel, resolve
@@ -103,7 +105,7 @@ def read_request(cfg: GenerateConfig, kind: str) -> tuple[list[Prompt], dict]:
         for p in prompts:
             if p.text is not None:
                 p.messages, p.text = [{"role": "user", "content": p.text}], None
-        prompt_info["content_hash"] = fmt.sha256_hex("\n".join(p.content_hash for p in prompts))
+        prompt_info["content_hash"] = kio.sha256_hex("\n".join(p.content_hash for p in prompts))
     return prompts, prompt_info
 
 
@@ -112,15 +114,15 @@ def _job(cfg: GenerateConfig, kind: str, request: tuple[list[Prompt], dict], mod
     prompts, prompt_info = request
     backend = default_backend() if cfg.backend == "auto" else cfg.backend
     core = {
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": codec.FORMAT_VERSION,
         "teacher": teacher_info,
         "tokenizer": tokenizer_info,
         "generation": generation_info(cfg, backend, kind),
         "prompts": prompt_info,
     }
-    fp = fmt.fingerprint(core)
-    fs, root = fmt.open_fs(cfg.out)
-    return Job(cfg, kind, prompts, prompt_info, model, core, fp, fs, root, fmt.join(root, fp))
+    fp = kds.fingerprint(core)
+    fs, root = kio.open_fs(cfg.out)
+    return Job(cfg, kind, prompts, prompt_info, model, core, fp, fs, root, kio.join(root, fp))
 
 
 def locate(cfg: GenerateConfig, kind: str) -> Job:
@@ -179,13 +181,13 @@ def prepare(
 def check_output(job: Job) -> None:
     """The output root must not be a different dataset, and must be writable."""
     cfg, fs, root = job.cfg, job.fs, job.root
-    existing = fmt.read_manifest(fs, root) if fs.exists(root) else None
+    existing = kds.read_manifest(fs, root) if fs.exists(root) else None
     if existing is not None:
         raise KdError(
             f"--out {cfg.out} is itself a dataset (fingerprint {existing.get('fingerprint')}); --out takes the "
             f"root that holds datasets: use its parent directory"
         )
-    probe = fmt.join(root, f".kdgen-write-test-{job.fingerprint}-{uuid.uuid4().hex[:8]}")
+    probe = kio.join(root, f".kdgen-write-test-{job.fingerprint}-{uuid.uuid4().hex[:8]}")
     try:
         fs.makedirs(root, exist_ok=True)
         with fs.open(probe, "wb") as f:
@@ -199,7 +201,7 @@ def check_output(job: Job) -> None:
 
 
 def read_plan(fs, dataset_dir: str) -> dict | None:
-    path = fmt.join(dataset_dir, PLAN)
+    path = kio.join(dataset_dir, PLAN)
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as f:
@@ -225,20 +227,20 @@ def _new_plan(job: Job) -> dict:
 def every_shard_written(job: Job) -> bool:
     """Whether every planned shard is already complete (a run killed just before its commit; slices
     that all finished on one root): then the commit is all that is left, and the teacher never loads."""
-    if not job.fs.exists(fmt.join(job.dataset_dir, fmt.DATA_DIR)):
+    if not job.fs.exists(kio.join(job.dataset_dir, kds.DATA_DIR)):
         return False
     plan = read_plan(job.fs, job.dataset_dir) or _new_plan(job)
     if plan["fingerprint"] != job.fingerprint or plan["num_shards"] != max(1, math.ceil(len(job.prompts) / plan["shard_prompts"])):
         return False
     num = plan["num_shards"]
-    return all(shard_has_rows(job.fs, job.dataset_dir, fmt.shard_name(i, num), len(b) * job.n) for i, b in enumerate(blocks(plan, len(job.prompts))))
+    return all(shard_has_rows(job.fs, job.dataset_dir, kds.shard_name(i, num), len(b) * job.n) for i, b in enumerate(blocks(plan, len(job.prompts))))
 
 
 def claim_plan(job: Job) -> dict | None:
     """The dataset's shard plan, written once under the dataset lock (an existing one wins);
     None when another process committed the dataset meanwhile."""
     with dataset_lock(job.fs, job.dataset_dir):
-        if fmt.read_manifest(job.fs, job.dataset_dir) is not None:
+        if kds.read_manifest(job.fs, job.dataset_dir) is not None:
             return None
         plan = read_plan(job.fs, job.dataset_dir)
         if plan is not None:
@@ -250,7 +252,7 @@ def claim_plan(job: Job) -> dict | None:
             return plan
         plan = _new_plan(job)
         job.fs.makedirs(job.dataset_dir, exist_ok=True)
-        fmt.write_bytes_atomic(job.fs, fmt.join(job.dataset_dir, PLAN), json.dumps(plan).encode())
+        kio.write_bytes_atomic(job.fs, kio.join(job.dataset_dir, PLAN), json.dumps(plan).encode())
         return plan
 
 
@@ -259,7 +261,7 @@ def shard_has_rows(fs, dataset_dir: str, name: str, expected_rows: int) -> bool:
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.read_metadata(fmt.join(dataset_dir, fmt.DATA_DIR, name), filesystem=fs)
+        meta = pq.read_metadata(kio.join(dataset_dir, kds.DATA_DIR, name), filesystem=fs)
         return meta.num_rows == expected_rows
     except Exception:
         return False

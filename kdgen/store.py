@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdcore import format as fmt
+from kdcore import codec
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdcore.errors import KdError
 from kdgen.locks import FileLock, lock_path, remove_lock_dir
 
@@ -67,35 +69,35 @@ def _stream(sfs, src: str, dfs, dest: str) -> tuple[str, int]:
 def copy_dataset(src: str, dest: str, on_shard=None) -> CopyReport:
     """Copy the complete dataset at `src` into the root `dest` (or to `dest` itself when it already
     ends with the fingerprint). Verifies every shard's sha256; resumable; manifest last."""
-    ds = fmt.TeacherDataset(src)
+    ds = kds.TeacherDataset(src)
     paths = ds.shard_paths()  # refuses paths that escape the dataset directory
     fp = ds.fingerprint
-    dfs, dpath = fmt.open_fs(dest)
+    dfs, dpath = kio.open_fs(dest)
     if posixpath.basename(dpath) == fp:
         target, url = dpath, dest.rstrip("/")
     else:
-        other = fmt.read_manifest(dfs, dpath)
+        other = kds.read_manifest(dfs, dpath)
         if other is not None:
             raise KdError(f"{dest} is itself a dataset ({other.get('fingerprint')}); give the root that holds datasets")
-        target, url = fmt.join(dpath, fp), dest.rstrip("/") + "/" + fp
+        target, url = kio.join(dpath, fp), dest.rstrip("/") + "/" + fp
     report = CopyReport(url)
-    if fmt.read_manifest(dfs, target) is not None:
+    if kds.read_manifest(dfs, target) is not None:
         report.already_complete = True
         return report
     with FileLock(dfs, lock_path(target, "dataset")) as lock:
-        if fmt.read_manifest(dfs, target) is not None:  # another copy finished while we waited
+        if kds.read_manifest(dfs, target) is not None:  # another copy finished while we waited
             report.already_complete = True
             return report
-        dfs.makedirs(fmt.join(target, fmt.DATA_DIR), exist_ok=True)
+        dfs.makedirs(kio.join(target, kds.DATA_DIR), exist_ok=True)
         for entry, src_path in zip(ds.shards, paths):
             rel = entry["path"]
-            dest_path = fmt.join(target, rel)
+            dest_path = kio.join(target, rel)
             if dfs.exists(dest_path) and _sha256_of(dfs, dest_path) == entry["sha256"]:
                 report.skipped += 1
                 if on_shard:
                     on_shard(rel, "present")
                 continue
-            tmp = fmt.join(posixpath.dirname(dest_path), f"{fmt.TMP_PREFIX}copy-{lock.token[:8]}-{posixpath.basename(rel)}")
+            tmp = kio.join(posixpath.dirname(dest_path), f"{kio.TMP_PREFIX}copy-{lock.token[:8]}-{posixpath.basename(rel)}")
             digest, n = _stream(ds.fs, src_path, dfs, tmp)
             if digest != entry["sha256"]:
                 dfs.rm(tmp)
@@ -109,17 +111,17 @@ def copy_dataset(src: str, dest: str, on_shard=None) -> CopyReport:
                 on_shard(rel, "copied")
         # leftovers that would make the copy fail `kdgen verify`: unlisted shards, temp files, a plan
         listed = {posixpath.basename(e["path"]) for e in ds.shards}
-        for p in dfs.ls(fmt.join(target, fmt.DATA_DIR), detail=False):
+        for p in dfs.ls(kio.join(target, kds.DATA_DIR), detail=False):
             name = posixpath.basename(p.rstrip("/"))
             if name not in listed:
                 dfs.rm(p)
-        for name in (fmt.CARD, fmt.MANIFEST):  # the card, then the manifest: the commit
-            source = fmt.join(ds.path, name)
-            if name == fmt.CARD and not ds.fs.exists(source):
+        for name in (kds.CARD, kds.MANIFEST):  # the card, then the manifest: the commit
+            source = kio.join(ds.path, name)
+            if name == kds.CARD and not ds.fs.exists(source):
                 continue
             with ds.fs.open(source, "rb") as f:
-                fmt.write_bytes_atomic(dfs, fmt.join(target, name), f.read())
-        plan = fmt.join(target, ".kdgen-plan.json")
+                kio.write_bytes_atomic(dfs, kio.join(target, name), f.read())
+        plan = kio.join(target, ".kdgen-plan.json")
         if dfs.exists(plan):
             dfs.rm(plan)
     remove_lock_dir(dfs, target)
@@ -132,7 +134,7 @@ def copy_dataset(src: str, dest: str, on_shard=None) -> CopyReport:
 
 def _settings(manifest: dict) -> dict:
     """Everything in the fingerprint except the prompt set."""
-    return {name: fmt.dig(manifest, name) for name in fmt.FINGERPRINT_FIELDS if not name.startswith("prompts.")}
+    return {name: kds.dig(manifest, name) for name in kds.FINGERPRINT_FIELDS if not name.startswith("prompts.")}
 
 
 class RowReuse:
@@ -147,14 +149,14 @@ class RowReuse:
         self.index: dict[str, tuple[str, dict, dict]] = {}  # id -> (dataset dir, manifest, shard entry)
         self.sources: list[str] = []
         want = _settings(core)
-        for d in fmt.dataset_dirs(fs, root):
+        for d in kds.dataset_dirs(fs, root):
             if posixpath.basename(d) == exclude:
                 continue
             try:
-                m = fmt.read_manifest(fs, d)
+                m = kds.read_manifest(fs, d)
                 if m is None or _settings(m) != want:
                     continue
-                entries = [(e, fmt.join(d, fmt.checked_shard_path(e["path"]))) for e in m["shards"]]
+                entries = [(e, kio.join(d, kds.checked_shard_path(e["path"]))) for e in m["shards"]]
             except (KdError, KeyError, TypeError):
                 continue  # a damaged dataset is never a source
             self.sources.append(m["fingerprint"])
@@ -165,7 +167,7 @@ class RowReuse:
                     continue
                 for rid in ids:
                     self.index.setdefault(rid, (d, m, entry))
-        self._cache: dict[str, dict[str, fmt.Row]] = {}  # the last few shards read (sources are read in order)
+        self._cache: dict[str, dict[str, codec.Row]] = {}  # the last few shards read (sources are read in order)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -173,36 +175,23 @@ class RowReuse:
     def count(self, ids) -> int:
         return sum(1 for i in ids if i in self.index)
 
-    def _shard_rows(self, d: str, m: dict, entry: dict) -> dict[str, fmt.Row]:
-        key = fmt.join(d, entry["path"])
+    def _shard_rows(self, d: str, m: dict, entry: dict) -> dict[str, codec.Row]:
+        key = kio.join(d, entry["path"])
         if key in self._cache:
             return self._cache[key]
         with self.fs.open(key, "rb") as f:
             data = f.read()
-        rows: dict[str, fmt.Row] = {}
-        if fmt.sha256_hex(data) == entry["sha256"]:  # a damaged shard gives nothing: its rows are generated
+        rows: dict[str, codec.Row] = {}
+        if kio.sha256_hex(data) == entry["sha256"]:  # a damaged shard gives nothing: its rows are generated
             table = pq.read_table(pa.BufferReader(data))
-            b = fmt.decode_table(table, m["generation"]["k"], m["encoding"]["logprob_scale"])
-            for i, rid in enumerate(b.ids):
-                r = b.row(i)
-                rows[rid] = fmt.Row(
-                    id=rid,
-                    messages=None,
-                    prompt=None,
-                    prompt_ids=r["prompt_ids"].tolist(),
-                    completion=r["completion"],
-                    completion_ids=r["completion_ids"].tolist(),
-                    token_logprobs=r["token_logprobs"],
-                    topk_ids=r["topk_ids"],
-                    topk_logprobs=r["topk_logprobs"],
-                    finish_reason=r["finish_reason"],
-                )
+            b = codec.decode_any(table, m["generation"]["k"])
+            rows = {r.id: r for r in b.to_rows()}  # tail_logprobs kept as stored: exact, not re-derived
         if len(self._cache) >= 4:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = rows
         return rows
 
-    def get(self, rid: str, prompt_ids: list[int], completion_ids: list[int] | None) -> fmt.Row | None:
+    def get(self, rid: str, prompt_ids: list[int], completion_ids: list[int] | None) -> codec.Row | None:
         """The stored row for `rid` if it was made from exactly these token ids, else None."""
         if rid not in self.index:
             return None

@@ -1,6 +1,6 @@
 """Teacher datasets -> tokenised training examples, and the collator that pads teacher arrays.
 
-Reads datasets only through `kdcore.format.TeacherDataset` (the format's one reader).
+Reads datasets only through `kdcore.dataset.TeacherDataset` (the format's one reader).
 
 An example is one teacher row. `Prepared` keeps all examples as flat numpy arrays (one copy,
 no per-row Python objects):
@@ -10,6 +10,8 @@ no per-row Python objects):
     topk_ids [sum T, k] int32 + tok_offsets  logit mode only: the teacher's top-k ids
     topk_logprobs [sum T, k] float32         their log-probs (temperature 1); -inf where the id is
                                              beyond the student's embedding rows (-> tail bucket)
+    tail_logprobs [sum T] float32            the dataset's tail (mass outside the top-k, exact;
+                                             the mass of those -inf entries folded in)
 
 Teacher arrays are aligned with *labels*: completion token j sits at position P + j, and its top-k
 row is the teacher's distribution for that token (predicted from position P + j - 1). The trainer
@@ -20,7 +22,7 @@ Trainer's samplers, DDP sharding and resume-skipping work on it, while `KDCollat
 arrays directly: HF's per-row numpy formatting would cap loading at a few 100k tokens/s.
 `KDCollator` pads a batch of rows into
     input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 on prompt and padding),
-    topk_ids [B, L, k] int32 and topk_logprobs [B, L, k] float32 (zeros off the completion).
+    topk_ids [B, L, k] int32, topk_logprobs [B, L, k] and tail_logprobs [B, L] float32 (zeros off the completion).
 
 Test: `pytest tests/test_kdtrain_train.py`.
 """
@@ -49,6 +51,7 @@ class Prepared:
     completion_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
+    tail_logprobs: np.ndarray | None = None
     tok_offsets: np.ndarray | None = None
     rows_in: int = 0
     truncated: int = 0
@@ -75,6 +78,8 @@ class Prepared:
         if self.topk_ids is not None:
             c, d = self.tok_offsets[i], self.tok_offsets[i + 1]
             out["topk_ids"], out["topk_logprobs"] = self.topk_ids[c:d], self.topk_logprobs[c:d]
+            if self.tail_logprobs is not None:  # None: cross-tokenizer targets (their residual bucket is derived)
+                out["tail_logprobs"] = self.tail_logprobs[c:d]
         return out
 
 
@@ -114,7 +119,7 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
     against a row-by-row reference.
     """
     k = data.k
-    parts: dict[str, list] = {"seqs": [], "seq_len": [], "start": [], "t_len": [], "ids": [], "lps": []}
+    parts: dict[str, list] = {"seqs": [], "seq_len": [], "start": [], "t_len": [], "ids": [], "lps": [], "tails": []}
     out = Prepared()
     remaining = limit
     for ds in data.datasets:
@@ -138,14 +143,16 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
             out.rows_in += rows
             kept, kt = np.flatnonzero(ok), keep_t[ok]
             if kt.sum() == n_tok:  # every completion token kept: the decoded arrays as they are
-                ids, lps = b.topk_ids[:n_tok], b.topk_logprobs[:n_tok]
+                ids, lps, tails = b.topk_ids[:n_tok], b.topk_logprobs[:n_tok], b.tail_logprobs[:n_tok]
             else:  # the first keep_t[i] completion tokens of each kept row
                 tok = _ranges(b.offsets[kept], kt)
-                ids, lps = b.topk_ids[tok], b.topk_logprobs[tok]
+                ids, lps, tails = b.topk_ids[tok], b.topk_logprobs[tok], b.tail_logprobs[tok]
             if ids.size and ids.max() >= student_rows:
                 # teacher ids in padded embedding rows the student lacks: their mass joins the tail
                 bad = ids >= student_rows
                 out.dropped_topk_entries += int(bad.sum())
+                with np.errstate(divide="ignore"):
+                    tails = np.logaddexp(tails, np.logaddexp.reduce(np.where(bad, lps, -np.inf), axis=1)).astype(np.float32)
                 lps = np.where(bad, -np.inf, lps).astype(np.float32)
                 ids = np.where(bad, 0, ids)
             # each kept row's sequence: its prompt, then its kept completion tokens
@@ -157,6 +164,7 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
             parts["t_len"].append(kt)
             parts["ids"].append(ids.astype(np.int32, copy=False))
             parts["lps"].append(lps.astype(np.float32, copy=False))
+            parts["tails"].append(tails.astype(np.float32, copy=False))
             if remaining is not None:
                 remaining -= rows
         if remaining is not None and remaining <= 0:
@@ -168,6 +176,7 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
         out.tok_offsets = lengths_to_offsets(np.concatenate(parts["t_len"]))
         out.topk_ids = np.concatenate(parts["ids"]).reshape(-1, k)
         out.topk_logprobs = np.concatenate(parts["lps"]).reshape(-1, k)
+        out.tail_logprobs = np.concatenate(parts["tails"])
     return finish_notes(out, max_length)
 
 
@@ -262,6 +271,7 @@ class KDCollator:
         if k:
             topk_ids = np.zeros((n, width, k), np.int32)
             topk_lps = np.zeros((n, width, k), np.float32)
+            tails = np.zeros((n, width), np.float32) if ex.tail_logprobs is not None else None
             c = ex.tok_offsets[rows]
         for i in range(n):
             seq, s, L = ex.seq_ids[a[i] : b[i]], starts[i], lengths[i]
@@ -270,6 +280,8 @@ class KDCollator:
             if k:
                 topk_ids[i, s:L] = ex.topk_ids[c[i] : c[i] + L - s]
                 topk_lps[i, s:L] = ex.topk_logprobs[c[i] : c[i] + L - s]
+                if tails is not None:
+                    tails[i, s:L] = ex.tail_logprobs[c[i] : c[i] + L - s]
         out = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask.astype(np.int64)),
@@ -278,6 +290,8 @@ class KDCollator:
         if k:
             out["topk_ids"] = torch.from_numpy(topk_ids)
             out["topk_logprobs"] = torch.from_numpy(topk_lps)
+            if tails is not None:
+                out["tail_logprobs"] = torch.from_numpy(tails)
         return out
 
 

@@ -56,7 +56,7 @@ class _FusedSparseKD(torch.autograd.Function):
     """See `fused_sparse_kd`. Gradients are computed in the forward and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, tile, softcap, span_ids, span_logprobs, span_weight):
+    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, tile, softcap, span_ids, span_logprobs, span_weight, teacher_tail):
         n_tok, vocab = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
@@ -85,7 +85,8 @@ class _FusedSparseKD(torch.autograd.Function):
                 if use_kd:
                     ids = topk_ids[a:b]
                     zk_l = z.gather(1, ids).detach().requires_grad_(True)
-                    kd_tok = sparse_kd_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], spec)
+                    tail = teacher_tail[a:b] if teacher_tail is not None else None
+                    kd_tok = sparse_kd_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], spec, tail)
                     total = total + kd_weight * kd_tok.sum()
                     kd_sum += kd_tok.detach().sum()
                 if use_span:
@@ -124,7 +125,7 @@ class _FusedSparseKD(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         gh = (grad_h * grad_total).to(h_dtype) if grad_h is not None else None
         gw = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def fused_sparse_kd(
@@ -167,6 +168,7 @@ def fused_kd_losses(
     span_ids: Tensor | None = None,
     span_logprobs: Tensor | None = None,
     span_weight: float = 0.0,
+    teacher_tail: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`fused_sparse_kd` plus the span-likelihood term of cross-tokenizer KD (`span_likelihood`).
 
@@ -174,10 +176,12 @@ def fused_kd_losses(
                    are contiguous (LM-head tiles are cut between spans, so each span's summed
                    log-prob is complete inside one tile).
     span_logprobs: [C] the teacher's log-prob of each span.
+    teacher_tail:  [N] the teacher's stored tail log-prob (format v2 `tail_logprobs`, mass of dropped
+                   top-k entries folded in); None derives it from topk_logprobs.
     returns: (total, kd_sum, ce_sum, span_sum); total = ce_weight*ce + kd_weight*kd + span_weight*span.
     """
     tile = auto_tile(weight.shape[0], tile)
     return _FusedSparseKD.apply(
         hidden, weight, labels, topk_ids, topk_logprobs, spec, float(ce_weight), float(kd_weight), tile, softcap,
-        span_ids, span_logprobs, float(span_weight),
+        span_ids, span_logprobs, float(span_weight), teacher_tail,
     )

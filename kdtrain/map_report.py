@@ -22,13 +22,13 @@ Test: `pytest tests/test_kdtrain_crosstok_train.py -k map_report`.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from kdcore.errors import KdError
+from kdcore.io import write_bytes_atomic
 from kdcore.vocab_map import EXACT, NONE, PREFIX, TokenBytes
 
 CLASSES = ("word", "whitespace", "digits", "punctuation", "code", "non_ascii", "special")
@@ -193,9 +193,7 @@ def run_report(data_url: str, student: str, teacher: str | None, out: str, limit
     _print(report, console)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(report, indent=2, default=float), encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(None, path, json.dumps(report, indent=2, default=float))
     console.print(f"wrote {path}")
     return report
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import time
 from pathlib import Path
 
 import torch
 
 from kdcore.errors import KdError, collect
+from kdcore.io import now_iso
 from kdcore.progress import console, quiet
 from kdtrain import __version__
 from kdtrain.config import TrainConfig, validate
@@ -220,7 +220,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         tok.pad_token = tok.eos_token
     record = {
         "kdtrain_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now_iso(),
         "config": cfg.to_dict(),
         "fingerprints": [d.fingerprint for d in data.datasets],
         "datasets": data.describe(),

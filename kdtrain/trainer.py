@@ -33,6 +33,7 @@ import torch
 from trl import SFTTrainer
 
 from kdcore.divergences import SparseKD
+from kdcore.io import write_bytes_atomic
 from kdtrain.losses import fused_kd_losses
 
 KD_CONFIG = "kd_config.json"
@@ -57,6 +58,18 @@ class KDOutput:
     ce_sum: torch.Tensor
     n_tokens: torch.Tensor
     span_sum: torch.Tensor | None = None  # span-likelihood sum (cross-tokenizer batches)
+
+
+def teacher_tails(kd_targets: dict, mask: torch.Tensor, top_k: int) -> torch.Tensor | None:
+    """[N] the teacher's stored tail log-prob at the masked positions (None without one: derived in
+    the loss). With --top-k N the entries after the N-th join the tail, as the loss's bucket would."""
+    if "tail_logprobs" not in kd_targets:
+        return None
+    tails = kd_targets["tail_logprobs"][:, 1:][mask].double()
+    if top_k:
+        rest = kd_targets["topk_logprobs"][:, 1:, top_k:][mask].double()
+        tails = torch.logaddexp(tails, torch.logsumexp(rest, -1)) if rest.shape[-1] else tails
+    return tails
 
 
 def attach_kd_head(model, loss: KDLoss) -> None:
@@ -84,16 +97,18 @@ def attach_kd_head(model, loss: KDLoss) -> None:
             keep = slice(None, loss.top_k or None)  # stored best first: the first N are the top-N
             ids = kd_targets["topk_ids"][:, 1:, keep][mask].long()
             lps = kd_targets["topk_logprobs"][:, 1:, keep][mask].float()
+            tails = teacher_tails(kd_targets, mask, loss.top_k)
         else:
             ids = torch.zeros((h.shape[0], 0), dtype=torch.long, device=h.device)
             lps = torch.zeros((h.shape[0], 0), dtype=torch.float32, device=h.device)
+            tails = None
         span_ids = span_lps = None
         if "span_ids" in kd_targets and loss.span_weight:
             span_ids = kd_targets["span_ids"][:, 1:][mask].to(h.device)
             span_lps = kd_targets["span_logprobs"].reshape(-1).float().to(h.device)
         total, kd_sum, ce_sum, span_sum = fused_kd_losses(
             h, weight, labels[mask].to(h.device), ids, lps, loss.spec, loss.ce_weight, loss.kd_weight, loss.tile_size, softcap,
-            span_ids, span_lps, loss.span_weight,
+            span_ids, span_lps, loss.span_weight, tails,
         )
         return KDOutput(total, kd_sum, ce_sum, mask.sum(), span_sum)
 
@@ -113,7 +128,7 @@ class KDTrainer(SFTTrainer):
         self._kd_clock: float | None = None  # started by the first training micro-batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "span_ids", "span_logprobs") if k in inputs}
+        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "tail_logprobs", "span_ids", "span_logprobs") if k in inputs}
         out: KDOutput = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_targets=targets)
         denom = out.n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = out.total / denom
@@ -161,7 +176,4 @@ class KDTrainer(SFTTrainer):
 def write_kd_config(folder: str, record: dict) -> None:
     """kd_config.json beside a checkpoint: resolved config, datasets and fingerprints (atomic)."""
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{KD_CONFIG}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(folder, KD_CONFIG))
+    write_bytes_atomic(None, os.path.join(folder, KD_CONFIG), json.dumps(record, indent=2, default=str))

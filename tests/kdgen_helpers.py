@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdcore import format as fmt
+import kdcore.dataset as kds
 from kdgen.generate import GenerateConfig
 from kdcore.verify import check_table, verify
 
@@ -71,7 +71,7 @@ def assert_valid(url: str) -> dict:
     contract's invariants under `check_table`. Returns the manifest."""
     manifest, problems = verify(url)
     assert problems == [], problems
-    ds = fmt.TeacherDataset(url)
+    ds = kds.TeacherDataset(url)
     for path in ds.shard_paths():
         import pyarrow.parquet as pq
 
@@ -83,7 +83,7 @@ def assert_valid(url: str) -> dict:
 def rows_of(url: str) -> list[dict]:
     """All rows of a dataset as plain Python, in shard order: the input as given, and the decoded
     token arrays (top-k ids and log-probs as [T][k] lists) — what two runs must agree on."""
-    ds = fmt.TeacherDataset(url)
+    ds = kds.TeacherDataset(url)
     given = ds.read_table(columns=["id", "messages", "prompt", "completion", "finish_reason"]).to_pylist()
     decoded = [b.row(i) for b in ds.iter_batches() for i in range(b.num_rows)]
     assert [g["id"] for g in given] == [d["id"] for d in decoded]
@@ -98,7 +98,7 @@ def complete_looking(root: Path) -> list[str]:
     return sorted(
         str(p.relative_to(root))
         for p in root.rglob("*")
-        if p.name in (fmt.MANIFEST, fmt.CARD) or fmt.SHARD_RE.match(p.name)
+        if p.name in (kds.MANIFEST, kds.CARD) or kds.SHARD_RE.match(p.name)
     )
 
 

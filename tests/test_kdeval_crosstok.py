@@ -99,7 +99,7 @@ def gemma_ctx(xworld, tokenizer):
     from transformers import AutoTokenizer
 
     from kdeval.crosstok import crosstok_context
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
 
     return crosstok_context(tokenizer, AutoTokenizer.from_pretrained(xworld["gemma"]), TeacherDataset(xworld["data"]).manifest)
 
@@ -114,7 +114,7 @@ def naive_measures(student_dir: str, ctx, url: str) -> dict:
     """Every chunk measure by the definitions, in float64 over the full student vocabulary."""
     from transformers import AutoModelForCausalLM
 
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
 
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     tok = ctx.student_tokenizer
@@ -188,7 +188,7 @@ def test_row_measures_match_the_naive_computation(xworld, gemma_ctx, naive):
     from transformers import AutoModelForCausalLM
 
     from kdeval.crosstok import score_crosstok
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
     from kdcore.teacher_data import TeacherData
 
     ds = TeacherDataset(xworld["data"])

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import kdgen.generate as gen
-from kdcore import format as fmt
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdgen import locks
 from kdgen.locks import FileLock
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401
@@ -41,7 +42,7 @@ def test_two_processes_on_one_request_split_the_work(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in Path(url).iterdir()) == ["README.md", "data", "manifest.json"]  # no locks, no plan left
     single = gen.run(small_config(prompts, str(tmp_path / "alone"), tiny_model_dir))
     assert rows_of(url) == rows_of(single)
-    for name in fmt.list_shards(*fmt.open_fs(url)):
+    for name in kds.list_shards(*kio.open_fs(url)):
         assert (Path(url) / "data" / name).read_bytes() == (Path(single) / "data" / name).read_bytes()
 
 
@@ -54,7 +55,7 @@ def store(request, tmp_path):
 
 
 def test_lock_is_exclusive_and_released(store):
-    fs, path = fmt.open_fs(store)
+    fs, path = kio.open_fs(store)
     a, b = FileLock(fs, locks.lock_path(path, "x")), FileLock(fs, locks.lock_path(path, "x"))
     assert a.try_acquire()
     assert not b.try_acquire()  # a live holder (this very process)
@@ -78,7 +79,7 @@ def _plant(fs, path: str, **record) -> None:
 
 
 def test_stale_locks_are_broken_live_ones_kept(store):
-    fs, path = fmt.open_fs(store)
+    fs, path = kio.open_fs(store)
     lp = locks.lock_path(path, "shard")
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -96,7 +97,7 @@ def test_stale_locks_are_broken_live_ones_kept(store):
 
 
 def test_lock_lost_to_another_process_is_noticed(tmp_path):
-    fs, path = fmt.open_fs(str(tmp_path))
+    fs, path = kio.open_fs(str(tmp_path))
     lock = FileLock(fs, locks.lock_path(path, "x"))
     assert lock.try_acquire()
     _plant(fs, lock.path, token="someone-else")  # we were judged stale and someone took over
@@ -112,14 +113,14 @@ def test_a_waiting_run_finishes_after_the_holder(tmp_path, tiny_model_dir, capsy
     cfg = small_config(prompts, str(tmp_path / "out"), tiny_model_dir)
     ref = gen.run(small_config(prompts, str(tmp_path / "ref"), tiny_model_dir))
     ds = tmp_path / "out" / Path(ref).name
-    claim = FileLock(*fmt.open_fs(str(ds)))
-    claim.path = locks.lock_path(str(ds), fmt.shard_name(1, 2))
+    claim = FileLock(*kio.open_fs(str(ds)))
+    claim.path = locks.lock_path(str(ds), kds.shard_name(1, 2))
     assert claim.try_acquire()  # "another process" holds shard 1 ...
 
     def holder_finishes():  # ... and writes it while we wait
         if claim.held:
             (ds / "data").mkdir(parents=True, exist_ok=True)
-            (ds / "data" / fmt.shard_name(1, 2)).write_bytes((Path(ref) / "data" / fmt.shard_name(1, 2)).read_bytes())
+            (ds / "data" / kds.shard_name(1, 2)).write_bytes((Path(ref) / "data" / kds.shard_name(1, 2)).read_bytes())
             claim.release()
 
     monkeypatch.setattr(gen, "_pause", holder_finishes)

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 
 import kdgen.generate as gen
-from kdcore import format as fmt
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdcore.errors import KdError
 from kdgen.store import RowReuse, copy_dataset
 from kdcore.verify import verify
 from kdgen_helpers import CHAT_ROWS, one_torch_thread, write_jsonl  # noqa: F401
 from kdgen_store_helpers import small_config
 
-SHARD1 = "data/" + fmt.shard_name(1, 3)
+SHARD1 = "data/" + kds.shard_name(1, 3)
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +50,19 @@ def _missing(d: Path, other: Path) -> None:
 
 
 def _extra(d: Path, other: Path) -> None:
-    shutil.copy(d / SHARD1, d / "data" / fmt.shard_name(7, 9))
+    shutil.copy(d / SHARD1, d / "data" / kds.shard_name(7, 9))
 
 
 def _edited_manifest(d: Path, other: Path) -> None:
-    m = json.loads((d / fmt.MANIFEST).read_text())
+    m = json.loads((d / kds.MANIFEST).read_text())
     m["generation"]["temperature"] = 0.7  # claims other settings than the rows were made with
-    (d / fmt.MANIFEST).write_text(json.dumps(m))
+    (d / kds.MANIFEST).write_text(json.dumps(m))
 
 
 def _edited_totals(d: Path, other: Path) -> None:
-    m = json.loads((d / fmt.MANIFEST).read_text())
+    m = json.loads((d / kds.MANIFEST).read_text())
     m["totals"]["rows"] += 1
-    (d / fmt.MANIFEST).write_text(json.dumps(m))
+    (d / kds.MANIFEST).write_text(json.dumps(m))
 
 
 def _foreign_shard(d: Path, other: Path) -> None:
@@ -71,11 +72,11 @@ def _foreign_shard(d: Path, other: Path) -> None:
 def _foreign_shard_and_entry(d: Path, other: Path) -> None:
     """Someone 'fixes' the manifest to match the foreign shard: the entry, the totals, everything."""
     _foreign_shard(d, other)
-    m = json.loads((d / fmt.MANIFEST).read_text())
-    theirs = json.loads((other / fmt.MANIFEST).read_text())
+    m = json.loads((d / kds.MANIFEST).read_text())
+    theirs = json.loads((other / kds.MANIFEST).read_text())
     m["shards"][1] = theirs["shards"][1]
     m["totals"] = {**m["totals"], "rows": sum(s["rows"] for s in m["shards"]), "tokens": sum(s["tokens"] for s in m["shards"])}
-    (d / fmt.MANIFEST).write_text(json.dumps(m))
+    (d / kds.MANIFEST).write_text(json.dumps(m))
 
 
 CASES = {
@@ -132,16 +133,16 @@ def test_manifest_paths_cannot_escape(pair, tmp_path, bad):
     a, _ = pair
     d = tmp_path / "root" / a.name
     shutil.copytree(a, d)
-    secret = tmp_path / "outside" / fmt.shard_name(0, 3)
+    secret = tmp_path / "outside" / kds.shard_name(0, 3)
     secret.parent.mkdir()
-    shutil.copy(d / "data" / fmt.shard_name(0, 3), secret)
-    m = json.loads((d / fmt.MANIFEST).read_text())
+    shutil.copy(d / "data" / kds.shard_name(0, 3), secret)
+    m = json.loads((d / kds.MANIFEST).read_text())
     m["shards"][0]["path"] = bad
-    (d / fmt.MANIFEST).write_text(json.dumps(m))
+    (d / kds.MANIFEST).write_text(json.dumps(m))
 
     _, problems = verify(str(d))
     assert any(p.startswith(f"{bad}: shard path is not data/") for p in problems), problems
-    ds = fmt.TeacherDataset(str(d))  # opening reads only the manifest ...
+    ds = kds.TeacherDataset(str(d))  # opening reads only the manifest ...
     with pytest.raises(KdError, match="refusing to read it"):
         ds.shard_paths()  # ... but no reader path leads outside
     with pytest.raises(KdError, match="refusing to read it"):
@@ -150,5 +151,5 @@ def test_manifest_paths_cannot_escape(pair, tmp_path, bad):
         copy_dataset(str(d), str(tmp_path / "copy"))
     assert not (tmp_path / "copy").exists()
     # and such a dataset is never a source of reused rows
-    m_core = json.loads((a / fmt.MANIFEST).read_text())
-    assert len(RowReuse(*fmt.open_fs(str(tmp_path / "root")), m_core, exclude="none")) == 0
+    m_core = json.loads((a / kds.MANIFEST).read_text())
+    assert len(RowReuse(*kio.open_fs(str(tmp_path / "root")), m_core, exclude="none")) == 0

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kdcore import format as fmt
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401
 from kdgen_store_helpers import KDGEN, KDTRAIN, child_env, cli, cli_args, small_config
 
@@ -60,11 +61,11 @@ def test_generate_survives_20_sigkills(tmp_path, tiny_model_dir):
     # resumed run with one shard left commits within the kill window, and its kill hits a finished run
     while kills < 20 or (mid_work < 5 and kills < 40):
         assert finished_early < 40, "the runs keep finishing before the kill; the test lost its point"
-        before, shards_before = _mtime(root), len(fmt.list_shards(*fmt.open_fs(str(ds))))
+        before, shards_before = _mtime(root), len(kds.list_shards(*kio.open_fs(str(ds))))
         proc = _start(cli_args(cfg))
         _until_ready(proc, root, before)
         if kills % 2:  # every other kill lands after this run wrote a shard: among renames and the commit
-            while proc.poll() is None and len(fmt.list_shards(*fmt.open_fs(str(ds)))) == shards_before:
+            while proc.poll() is None and len(kds.list_shards(*kio.open_fs(str(ds)))) == shards_before:
                 time.sleep(0.01)
         try:
             proc.wait(timeout=rng.uniform(0.0, work / 6 if kills % 2 else work))  # a random moment of its work ...
@@ -72,14 +73,14 @@ def test_generate_survives_20_sigkills(tmp_path, tiny_model_dir):
             proc.send_signal(signal.SIGKILL)  # ... plan, engine start, mid-shard, rename, card, commit
             proc.wait()  # reaped: its pid is gone, so its locks count as stale at once
             kills += 1
-            mid_work += bool(fmt.list_shards(*fmt.open_fs(str(ds)))) and not (ds / fmt.MANIFEST).exists()
+            mid_work += bool(kds.list_shards(*kio.open_fs(str(ds)))) and not (ds / kds.MANIFEST).exists()
             continue
         assert proc.returncode == 0, proc.stderr.read()
         # it completed first (resumed runs are short): check it, then start over to keep killing real work
         finished_early += 1
         assert_valid(str(ds))
         assert rows_of(str(ds)) == expected
-        fsys, path = fmt.open_fs(str(ds))
+        fsys, path = kio.open_fs(str(ds))
         fsys.rm(path, recursive=True)
     assert mid_work >= 5, f"only {mid_work} of {kills} kills hit a half-written dataset"
     resumed = cli(*cli_args(cfg))
@@ -90,7 +91,7 @@ def test_generate_survives_20_sigkills(tmp_path, tiny_model_dir):
     assert len(ids) == len(set(ids)) == len(expected)  # no duplicate, no missing id
     assert got == expected  # and the very same rows
     assert cli("verify", str(ds)).returncode == 0
-    leftovers = sorted(p.name for p in ds.rglob("*") if p.name.startswith((fmt.TMP_PREFIX, ".kdgen")))
+    leftovers = sorted(p.name for p in ds.rglob("*") if p.name.startswith((kio.TMP_PREFIX, ".kdgen")))
     assert leftovers in ([], [".kdgen-plan.json"]), leftovers  # a kill right after the commit may leave the plan
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import kdgen.generate as gen
-from kdcore import format as fmt
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401
 from kdgen_store_helpers import small_config
 
@@ -59,7 +60,7 @@ def test_reuse_generates_only_missing_rows_and_equals_a_fresh_run(tmp_path, tiny
     assert Path(url).name == Path(fresh).name
     assert_valid(url)
     assert rows_of(url) == rows_of(fresh)  # same ids, same order, same contents
-    for name in fmt.list_shards(*fmt.open_fs(url)):
+    for name in kds.list_shards(*kio.open_fs(url)):
         assert (Path(url) / "data" / name).read_bytes() == (Path(fresh) / "data" / name).read_bytes()
 
 
@@ -84,7 +85,7 @@ def test_damaged_source_rows_are_generated_not_copied(tmp_path, tiny_model_dir, 
     root = tmp_path / "shared"
     cfg = small_config(first, str(root), tiny_model_dir)
     src = Path(gen.run(cfg))
-    shard = src / "data" / fmt.shard_name(0, 2)
+    shard = src / "data" / kds.shard_name(0, 2)
     data = bytearray(shard.read_bytes())
     data[-30] ^= 0x01  # the manifest's sha256 no longer matches
     shard.write_bytes(bytes(data))

@@ -15,7 +15,8 @@ import fsspec
 import pytest
 
 import kdgen.generate as gen
-from kdcore import format as fmt
+import kdcore.dataset as kds
+import kdcore.io as kio
 from kdcore.errors import KdError
 from kdgen.store import copy_dataset
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, write_jsonl  # noqa: F401
@@ -42,7 +43,7 @@ def bucket(request) -> str:
 
 
 def _objects(url: str) -> dict[str, bytes]:
-    fs, path = fmt.open_fs(url)
+    fs, path = kio.open_fs(url)
     return {p[len(path) + 1 :]: fs.cat_file(p) for p in fs.find(path)}
 
 
@@ -51,17 +52,17 @@ def test_generate_resume_ls_verify(ref, bucket):
     # a first machine writes half of the shards (a slice), as if it had been interrupted
     part = gen.run(replace(ref["cfg"], out=out, shard_index=0, num_shards=2))
     assert part == f"{out}/{ref['fp']}"
-    fs, path = fmt.open_fs(part)
-    assert not fs.exists(fmt.join(path, fmt.MANIFEST))
-    written = {n: fs.cat_file(fmt.join(path, fmt.DATA_DIR, n)) for n in fmt.list_shards(fs, path)}
-    assert sorted(written) == [fmt.shard_name(i, 6) for i in (0, 2, 4)]
+    fs, path = kio.open_fs(part)
+    assert not fs.exists(kio.join(path, kds.MANIFEST))
+    written = {n: fs.cat_file(kio.join(path, kds.DATA_DIR, n)) for n in kds.list_shards(fs, path)}
+    assert sorted(written) == [kds.shard_name(i, 6) for i in (0, 2, 4)]
     # resume: the complete shards are kept, the rest generated, the manifest committed last
     assert gen.run(replace(ref["cfg"], out=out)) == part
     for name, data in written.items():
-        assert fs.cat_file(fmt.join(path, fmt.DATA_DIR, name)) == data
+        assert fs.cat_file(kio.join(path, kds.DATA_DIR, name)) == data
     assert assert_valid(part)["fingerprint"] == ref["fp"]
     assert rows_of(part) == ref["rows"]
-    assert sorted(_objects(part)) == ["README.md", *(f"data/{fmt.shard_name(i, 6)}" for i in range(6)), "manifest.json"]
+    assert sorted(_objects(part)) == ["README.md", *(f"data/{kds.shard_name(i, 6)}" for i in range(6)), "manifest.json"]
     # a second request is a cache hit straight from the store
     assert gen.run(replace(ref["cfg"], out=out)) == part
 
@@ -86,13 +87,13 @@ def test_push_pull_checksummed_and_resumable(ref, bucket, tmp_path):
     assert_valid(url)
 
     # interrupted copy at the destination: no manifest, one shard missing, one corrupted, one temp file
-    fs, path = fmt.open_fs(url)
-    fs.rm(fmt.join(path, fmt.MANIFEST))
-    fs.rm(fmt.join(path, "data", fmt.shard_name(1, 6)))
-    bad = bytearray(fs.cat_file(fmt.join(path, "data", fmt.shard_name(3, 6))))
+    fs, path = kio.open_fs(url)
+    fs.rm(kio.join(path, kds.MANIFEST))
+    fs.rm(kio.join(path, "data", kds.shard_name(1, 6)))
+    bad = bytearray(fs.cat_file(kio.join(path, "data", kds.shard_name(3, 6))))
     bad[100] ^= 0xFF
-    fs.pipe_file(fmt.join(path, "data", fmt.shard_name(3, 6)), bytes(bad))
-    fs.pipe_file(fmt.join(path, "data", fmt.TMP_PREFIX + "x-" + fmt.shard_name(5, 6)), b"half")
+    fs.pipe_file(kio.join(path, "data", kds.shard_name(3, 6)), bytes(bad))
+    fs.pipe_file(kio.join(path, "data", kio.TMP_PREFIX + "x-" + kds.shard_name(5, 6)), b"half")
     report = copy_dataset(ref["url"], bucket + "/shared")
     assert (report.copied, report.skipped, report.already_complete) == (2, 4, False)
     assert _objects(url) == _objects(ref["url"])
@@ -111,13 +112,13 @@ def test_copy_refuses_a_damaged_source(ref, tmp_path):
     src = tmp_path / "src" / ref["fp"]
     fs = fsspec.filesystem("file")
     fs.copy(ref["url"], str(src), recursive=True)
-    shard = src / "data" / fmt.shard_name(2, 6)
+    shard = src / "data" / kds.shard_name(2, 6)
     data = bytearray(shard.read_bytes())
     data[-20] ^= 0x01
     shard.write_bytes(bytes(data))
     with pytest.raises(KdError, match=r"train-00002-of-00006\.parquet fails its checksum"):
         copy_dataset(str(src), str(tmp_path / "dest"))
-    assert not (tmp_path / "dest" / ref["fp"] / fmt.MANIFEST).exists()  # nothing committed
+    assert not (tmp_path / "dest" / ref["fp"] / kds.MANIFEST).exists()  # nothing committed
     r = kdgen_cli("push", str(src), str(tmp_path / "dest"))
     assert r.returncode == 2 and "train-00002-of-00006.parquet" in r.stderr and "Traceback" not in r.stderr
 

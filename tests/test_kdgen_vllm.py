@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import kdgen.generate as gen
-from kdcore import format as fmt
+import kdcore.dataset as kds
 from kdgen.generate import GenerateConfig
 from kdgen_helpers import (
     CHAT_ROWS,
@@ -72,7 +72,7 @@ def run_with_vllm(jobs: list[tuple[str, GenerateConfig]]) -> list[str]:
 
 
 def decoded_rows(url: str) -> dict[str, dict]:
-    return {b.ids[i]: b.row(i) for b in fmt.TeacherDataset(url).iter_batches() for i in range(b.num_rows)}
+    return {b.ids[i]: b.row(i) for b in kds.TeacherDataset(url).iter_batches() for i in range(b.num_rows)}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def teacher_runs(tmp_path_factory):
     )
     hf_url = gen.run(hf)
     # score the teacher's own completions (teacher-forced), with both backends
-    pairs = [{"messages": r["messages"], "completion": r["completion"]} for r in fmt.TeacherDataset(hf_url).read_table().to_pylist()]
+    pairs = [{"messages": r["messages"], "completion": r["completion"]} for r in kds.TeacherDataset(hf_url).read_table().to_pylist()]
     scoring = replace(hf, prompts=write_jsonl(tmp / "pairs.jsonl", pairs), out=str(tmp / "hf-score"))
     hf_score_url = gen.run(scoring, "score")
     vllm_url, vllm_score_url = run_with_vllm(
@@ -103,7 +103,7 @@ def test_every_dataset_verifies(teacher_runs):
         m = assert_valid(url)
         assert (m["generation"]["kind"], m["generation"]["backend"], m["teacher"]["dtype"]) == (kind, backend, "float32")
         assert m["teacher"]["source"] == "builtin:smollm2-135m-instruct" and m["totals"]["rows"] == 4
-    assert fmt.TeacherDataset(teacher_runs.vllm).manifest["generation"]["engine_version"].startswith("vllm")
+    assert kds.TeacherDataset(teacher_runs.vllm).manifest["generation"]["engine_version"].startswith("vllm")
     assert Path(teacher_runs.hf).name != Path(teacher_runs.vllm).name  # the backend is part of the key
 
 

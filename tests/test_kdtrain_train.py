@@ -37,7 +37,7 @@ def test_student_equal_to_teacher_has_zero_kd(world, tmp_path):
         out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], kd_targets=batch)
         n = out.n_tokens.item()
         assert n == (batch["labels"][:, 1:] != -100).sum().item() > 0
-        assert out.kd_sum.item() / n < 2e-3, loss  # only the dataset's 1/1024-nat quantisation remains
+        assert out.kd_sum.item() / n < 2e-3, loss  # only the dataset's log-prob rounding (11 significant bits) remains
     other = build_trainer(train_cfg(world, tmp_path / "other"))
     out = other.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], kd_targets=batch)
     assert out.kd_sum.item() / out.n_tokens.item() > 0.5
@@ -173,7 +173,7 @@ def test_other_tokenizer_text_examples_are_the_students_own_encoding(world, tmp_
     completion text re-tokenised (one batched call per dataset), then EOS where the teacher stopped."""
     from transformers import AutoTokenizer
 
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
     from kdcore.teacher_data import TeacherData
     from kdtrain.data import text_examples
 
@@ -201,7 +201,7 @@ def test_padded_embedding_rows(world, tokenizer, tmp_path):
     run(train_cfg(world, tmp_path / "a", student=padded_student, max_steps=1, save_steps=100))
     # the teacher plus 64 padding rows, each a slightly shrunk copy of a frequent token's row: they
     # rank right behind their twin (in the top-k) but never win the argmax (same completions)
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
     from transformers import AutoModelForCausalLM
 
     ids = next(TeacherDataset(world["data"]).iter_batches(1000, text=False)).completion_ids
@@ -241,10 +241,10 @@ def _reference_logit_examples(urls: list[str], max_length: int, student_rows: in
     """`kdtrain.data.logit_examples` written row by row (slow, obvious): what the vectorised one must give."""
     import numpy as np
 
-    from kdcore.format import TeacherDataset
+    from kdcore.dataset import TeacherDataset
 
     rows = [b.row(i) for url in urls for b in TeacherDataset(url).iter_batches(batch_rows=5) for i in range(b.num_rows)][:limit]
-    out = {"seqs": [], "starts": [], "ids": [], "lps": [], "rows_in": len(rows), "truncated": 0, "dropped": 0, "beyond_vocab": 0, "dropped_topk_entries": 0}
+    out = {"seqs": [], "starts": [], "ids": [], "lps": [], "tails": [], "rows_in": len(rows), "truncated": 0, "dropped": 0, "beyond_vocab": 0, "dropped_topk_entries": 0}
     for r in rows:
         p, c = r["prompt_ids"], r["completion_ids"]
         if (p >= student_rows).any() or (c >= student_rows).any():
@@ -261,6 +261,10 @@ def _reference_logit_examples(urls: list[str], max_length: int, student_rows: in
         out["starts"].append(len(p))
         out["ids"].append(np.where(bad, 0, r["topk_ids"][:keep]))
         out["lps"].append(np.where(bad, -np.inf, r["topk_logprobs"][:keep]))
+        # the dropped entries' mass joins the stored tail
+        with np.errstate(divide="ignore"):
+            dropped = np.log(np.where(bad, np.exp(r["topk_logprobs"][:keep].astype(np.float64)), 0.0).sum(1))
+        out["tails"].append(np.logaddexp(r["tail_logprobs"][:keep].astype(np.float64), dropped).astype(np.float32))
     return out
 
 
@@ -292,6 +296,7 @@ def test_logit_examples_equal_a_row_by_row_reference(world, max_length, student_
         np.testing.assert_array_equal(row["input_ids"], want["seqs"][i])
         np.testing.assert_array_equal(row["topk_ids"], want["ids"][i])
         np.testing.assert_array_equal(row["topk_logprobs"], want["lps"][i])
+        np.testing.assert_allclose(row["tail_logprobs"], want["tails"][i], rtol=1e-6)
     # each case exercises what it is there for
     assert (want["truncated"] > 0) == (max_length < 100)
     assert (want["beyond_vocab"] > 0 and want["dropped_topk_entries"] > 0) == (student_rows < data.manifest["tokenizer"]["embedding_rows"])

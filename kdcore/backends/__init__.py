@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdcore.format import sha256_hex
+from kdcore.io import sha256_hex
 
 
 @dataclass(frozen=True)
