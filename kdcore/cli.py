@@ -99,9 +99,10 @@ def coerce(cls, name: str, value: Any) -> Any:
     return str(value)
 
 
-def apply(cls, values: dict, into: dict, where: str, problems: list[str]) -> None:
-    """Coerce `values` (keys: field names, flags or aliases) into `into`; problems name the key."""
-    known = _spellings(cls)
+def apply(cls, values: dict, into: dict, where: str, problems: list[str], allowed: set[str] | None = None) -> None:
+    """Coerce `values` (keys: field names, flags or aliases) into `into`; problems name the key.
+    `allowed`: the fields this command has (None = all of the class)."""
+    known = {k: n for k, n in _spellings(cls).items() if allowed is None or n in allowed}
     flags = {f.name: flag_of(f) for f in fields(cls)}
     for key, value in values.items():
         name = known.get(str(key).replace("-", "_").lstrip("_"))
@@ -164,16 +165,18 @@ def load(
     *,
     resolve_config: Callable[[str], Path] = _config_file,
     validate: Callable[[Any], None] | None = None,
+    allowed: set[str] | None = None,
 ):
     """defaults < config file < flags (None = not given) < key=value overrides; raises one
-    ConfigError naming every problem, then runs `validate(cfg)` when given."""
+    ConfigError naming every problem, then runs `validate(cfg)` when given. `allowed`: the fields
+    the command has; a config file or override naming another is a problem like an unknown key."""
     merged = {f.name: getattr(cls(), f.name) for f in fields(cls)}
     problems: list[str] = []
     if config:
         path = resolve_config(config)
-        apply(cls, read_yaml(path), merged, str(path), problems)
-    apply(cls, {k: v for k, v in (flags or {}).items() if v is not None}, merged, "flag", problems)
-    apply(cls, parse_overrides(overrides or []), merged, "override", problems)
+        apply(cls, read_yaml(path), merged, str(path), problems, allowed)
+    apply(cls, {k: v for k, v in (flags or {}).items() if v is not None}, merged, "flag", problems, allowed)
+    apply(cls, parse_overrides(overrides or []), merged, "override", problems, allowed)
     collect(problems)
     cfg = cls(**merged)
     if validate is not None:
@@ -277,7 +280,7 @@ def config_command(
             raise ConfigError([f"argument {bare[0]!r}: expected key=value, e.g. seed=1"])
         if positional is not None and bare:
             flags[positional.name] = bare
-        cfg = load(cls, config, flags, overrides, resolve_config=resolve_config, validate=validate)
+        cfg = load(cls, config, flags, overrides, resolve_config=resolve_config, validate=validate, allowed={f.name for f in chosen})
         if isinstance(fn, str):
             import importlib
 

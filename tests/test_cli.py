@@ -101,6 +101,8 @@ def test_trailing_overrides_and_positional_arguments(monkeypatch, capsys, tmp_pa
     one_line_error(code, err, "kdeval", "--samples -2")
     code, _, err = cli(monkeypatch, capsys, "kdgen", "generate", "--prompts", "p.jsonl", "k=0", "n=3")
     one_line_error(code, err, "kdgen", "--k 0")
+    code, _, err = cli(monkeypatch, capsys, "kdgen", "score", "--prompts", "p.jsonl", "temperature=1")
+    one_line_error(code, err, "kdgen", "unknown option 'temperature'")  # a sampling flag: `generate` only
     code, _, err = cli(monkeypatch, capsys, "kdgen", "generate", "--prompts", "p.jsonl", "stray")
     one_line_error(code, err, "kdgen", "'stray'", "key=value")
     code, _, err = cli(monkeypatch, capsys, "kdeval", "run", "--model", "m", "--prompts", "p", "--metrics", "kl,bogus", "batch_size=0")
