@@ -1,7 +1,7 @@
 """Storage benchmark: bytes per completion token and precision of the teacher-dataset format v2,
 beside v1 and a naive layout, on the same real teacher rows; plus the v2 layout choices.
 
-    python bench/storage.py --prompts 96 --max-new-tokens 192 --rows-cache /tmp/storage-rows
+    python bench/storage.py --prompts 96 --max-new-tokens 192 [--rows-cache PATH]
 
 The embedded teacher generates once through vLLM with k=64 (kdgen's settings: T=0.7, top_p=0.95);
 the engine's float32 outputs stay in memory (or in --rows-cache) and are written as:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from kdcore.codec import Batch, flat_list
 
 ARRAY_COLUMNS = ["id", "prompt_ids", "completion_ids", "token_logprob_codes", "topk_ids", "topk_logprob_deltas"]
-COLUMN_LENGTHS = {"token_logprob_codes": 1, "topk_ids": "k", "topk_logprob_deltas": "k"}  # values per token
+COLUMN_LENGTHS = {"token_logprob_codes": 1, "topk_ids": "k", "topk_logprob_deltas": "k"}  # values per completion token (kdgen verify)
 
 
 def decode_topk_logprobs(deltas: np.ndarray, scale: int) -> np.ndarray:

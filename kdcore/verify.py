@@ -28,7 +28,12 @@ from kdcore.errors import KdError
 def _shape_problems(table: pa.Table, k: int, version: int) -> list[str]:
     """Per-token columns of length T, top-k of [T, k], in the shard's format version."""
     t_len = pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
-    per_token = {"token_logprob_codes": 1, "topk_ids": k, "topk_logprob_deltas": k} if version == 1 else {"token_logprobs": 1, "tail_logprobs": 1, "topk_ids": 1, "topk_logprobs": 1}
+    if version == 1:
+        from kdcore.codec_v1 import COLUMN_LENGTHS
+
+        per_token = {col: (k if width == "k" else width) for col, width in COLUMN_LENGTHS.items()}
+    else:  # every list column but the prompt's holds one entry per completion token (top-k: a [k] list)
+        per_token = {f.name: 1 for f in codec.schema(2, 1) if pa.types.is_list(f.type) and f.name not in ("messages", "prompt_ids", "completion_ids")}
     problems = []
     for col, width in per_token.items():
         if col not in table.column_names:

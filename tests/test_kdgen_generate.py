@@ -237,7 +237,7 @@ import kdcore.dataset as kds
 import kdcore.io as kio
 from kdgen.generate import GenerateConfig, run
 
-real, shards = kio.write_bytes_atomic, []
+real, shards = kds.write_bytes_atomic, []  # the name write_shard calls (kdcore.dataset imports it from kdcore.io)
 
 def dying(fs, path, data):
     if kds.SHARD_RE.match(os.path.basename(path)):
@@ -248,7 +248,7 @@ def dying(fs, path, data):
             os.kill(os.getpid(), signal.SIGKILL)
     real(fs, path, data)
 
-kio.write_bytes_atomic = dying
+kds.write_bytes_atomic = dying
 run(GenerateConfig(**json.loads(sys.argv[1])))
 """
 
