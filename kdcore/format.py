@@ -66,7 +66,10 @@ TMP_PREFIX = ".tmp-"
 
 # Everything that changes the rows goes into the fingerprint; nothing else does. This is the one
 # list (documented in the README): anything not named here — batch sizes, engine memory settings,
-# shard size, output paths, timestamps, kdgen version — never changes the key.
+# shard size, output paths, timestamps, kdgen version — never changes the key. Engine layout
+# (tensor/pipeline/data parallel size, replicas, a served or Ray-run engine) is left out too: the
+# same weights give the same rows on any layout; weight quantization is in (issue 13,
+# kdcore/engine_options.py).
 FINGERPRINT_FIELDS = (
     "format_version",
     "teacher.weights_hash",
@@ -83,6 +86,7 @@ FINGERPRINT_FIELDS = (
     "generation.k",
     "generation.logprob_mode",
     "generation.kind",
+    "generation.quantization",
     "prompts.content_hash",
 )
 

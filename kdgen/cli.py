@@ -52,6 +52,18 @@ def generate(
     shard_index: int = typer.Option(GenerateConfig.shard_index, help=H("shard_index")),
     num_shards: int = typer.Option(GenerateConfig.num_shards, help=H("num_shards")),
     gpu_memory_utilization: Optional[float] = typer.Option(None, help=H("gpu_memory_utilization")),
+    tensor_parallel_size: int = typer.Option(GenerateConfig.tensor_parallel_size, help=H("tensor_parallel_size")),
+    pipeline_parallel_size: int = typer.Option(GenerateConfig.pipeline_parallel_size, help=H("pipeline_parallel_size")),
+    data_parallel_size: int = typer.Option(GenerateConfig.data_parallel_size, help=H("data_parallel_size")),
+    max_model_len: Optional[int] = typer.Option(None, help=H("max_model_len")),
+    quantization: Optional[str] = typer.Option(None, help=H("quantization")),
+    engine_arg: Optional[list[str]] = typer.Option(None, help=H("engine_arg")),
+    server_url: Optional[str] = typer.Option(None, help=H("server_url")),
+    server_concurrency: int = typer.Option(GenerateConfig.server_concurrency, help=H("server_concurrency")),
+    server_timeout: float = typer.Option(GenerateConfig.server_timeout, help=H("server_timeout")),
+    server_retries: int = typer.Option(GenerateConfig.server_retries, help=H("server_retries")),
+    ray: Optional[str] = typer.Option(None, help=H("ray")),
+    replicas: int = typer.Option(GenerateConfig.replicas, help=H("replicas")),
 ):
     """Generate completions and top-k log-probs with the teacher; print the dataset URL."""
     cfg = _build(**locals())
@@ -77,6 +89,13 @@ def score(
     shard_prompts: int = typer.Option(GenerateConfig.shard_prompts, help=H("shard_prompts")),
     batch_size: int = typer.Option(GenerateConfig.batch_size, help=H("batch_size")),
     gpu_memory_utilization: Optional[float] = typer.Option(None, help=H("gpu_memory_utilization")),
+    max_model_len: Optional[int] = typer.Option(None, help=H("max_model_len")),
+    quantization: Optional[str] = typer.Option(None, help=H("quantization")),
+    engine_arg: Optional[list[str]] = typer.Option(None, help=H("engine_arg")),
+    server_url: Optional[str] = typer.Option(None, help=H("server_url")),
+    server_concurrency: int = typer.Option(GenerateConfig.server_concurrency, help=H("server_concurrency")),
+    server_timeout: float = typer.Option(GenerateConfig.server_timeout, help=H("server_timeout")),
+    server_retries: int = typer.Option(GenerateConfig.server_retries, help=H("server_retries")),
 ):
     """Teacher-forced top-k log-probs for given prompt + completion pairs (same row schema)."""
     cfg = _build(**locals())

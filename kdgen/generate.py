@@ -49,6 +49,8 @@ from kdgen.locks import FileLock, lock_path
 from kdcore.models import ResolvedModel, resolve
 from kdgen.store import RowReuse
 from kdcore.teacher import Teacher, load_teacher, remembered_identity
+from kdcore import engine_options
+from kdgen.scale import engine_settings, run_data_parallel, scale_problems
 
 PLAN = ".kdgen-plan.json"
 WAIT_POLL_S = 1.0  # how often a process waiting for another's shards or lock looks again
@@ -79,6 +81,19 @@ class GenerateConfig:
     num_shards: int = _f(1, "Split the work over this many machines; each runs with its own --shard-index.")
     gpu_memory_utilization: float | None = _f(None, "vLLM memory fraction (of RAM on CPU). Default 0.3 on CPU, 0.9 on GPU.")
     append_eos: bool = _f(True, "`kdgen score`: end each given completion with the EOS token.")
+    # scaling out (issue 13; README "Scaling out"): engine layout, served teachers, Ray
+    tensor_parallel_size: int = _f(1, "vLLM: GPUs that split each layer of one engine (tensor parallel). Not part of the fingerprint.")
+    pipeline_parallel_size: int = _f(1, "vLLM: GPUs that split the layers of one engine (pipeline parallel). Not part of the fingerprint.")
+    data_parallel_size: int = _f(1, "vLLM: engines on this machine, each on tensor x pipeline GPUs of its own; they split the shards. Not part of the fingerprint.")
+    max_model_len: int | None = _f(None, "vLLM context per sequence (sizes the KV cache). Default: the longest prompt plus --max-new-tokens.")
+    quantization: str | None = _f(None, "vLLM weight quantization (fp8, awq, gptq, ...). It changes the rows, so it is part of the fingerprint.")
+    engine_arg: list[str] = _f([], "Extra vLLM engine argument KEY=VALUE, repeatable (e.g. max_num_seqs=256); values are read as JSON when they parse.")
+    server_url: str | None = _f(None, "--backend server: base URL of a vLLM OpenAI-compatible server (e.g. http://gpu-box:8000).")
+    server_concurrency: int = _f(32, "--backend server: requests in flight at once.")
+    server_timeout: float = _f(600.0, "--backend server: seconds to wait for one request before retrying it.")
+    server_retries: int = _f(5, "--backend server: retries of a request after a timeout, a refused connection or a 5xx answer (backoff 0.5 s, doubling).")
+    ray: str | None = _f(None, "Run the shards on a Ray cluster: its address (host:port) or auto; without a cluster, auto starts a local one.")
+    replicas: int = _f(1, "--ray: how many engines to run, each on tensor x pipeline GPUs (or one CPU).")
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -101,6 +116,8 @@ def generation_info(cfg: GenerateConfig, backend: str, kind: str) -> dict:
         "seed": 0 if greedy else cfg.seed,
         "k": cfg.k,
         "logprob_mode": "raw_logprobs_temperature_1",
+        "quantization": engine_options.numerics(cfg.quantization, cfg.engine_arg),
+        **({"server_url": cfg.server_url} if cfg.backend == "server" else {}),
     }
 
 
@@ -108,8 +125,9 @@ def validate(cfg: GenerateConfig, kind: str) -> None:
     problems = []
     if not cfg.prompts:
         problems.append("--prompts is required: a .jsonl, .parquet, .csv file or an HF dataset directory")
-    if cfg.backend not in ("auto", "vllm", "hf"):
-        problems.append(f"--backend {cfg.backend}: choose vllm, hf or auto")
+    if cfg.backend not in ("auto", "vllm", "hf", "server"):
+        problems.append(f"--backend {cfg.backend}: choose vllm, hf, server or auto")
+    problems += scale_problems(cfg)
     if cfg.backend == "vllm" and not vllm_available():
         problems.append("--backend vllm: vLLM is not installed here; install '.[cpu]' or '.[gpu]', or use --backend hf")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -173,6 +191,8 @@ def _read_request(cfg: GenerateConfig, kind: str) -> tuple[list[Prompt], dict]:
 def _core(cfg: GenerateConfig, kind: str, teacher_info: dict, tokenizer_info: dict, prompt_info: dict) -> dict:
     """What the fingerprint is computed from."""
     backend = default_backend() if cfg.backend == "auto" else cfg.backend
+    if backend == "server":  # a vLLM engine behind HTTP: the same rows as in-process, so the same key
+        backend = "vllm"
     return {
         "format_version": fmt.FORMAT_VERSION,
         "teacher": teacher_info,
@@ -346,6 +366,9 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
     they are generated, so two processes split the shards, and each waits for the shards the other
     holds; the plan and the commit happen under the dataset lock (kdgen/locks.py).
     """
+    if cfg.data_parallel_size > 1:  # N engine processes split the shards (kdgen/scale.py)
+        validate(cfg, kind)
+        return run_data_parallel(cfg, kind)
     url, job = _run(cfg, kind)
     if job is not None and fmt.read_manifest(job.fs, job.dataset_dir) is not None:
         # every process that leaves a committed dataset tidies up once its own locks are gone, so the
@@ -390,6 +413,11 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, "Job | None"]:
         console.print(f"resuming: {done_rows} of {total_rows} rows already in complete shards")
 
     work = _Work(job)
+    if cfg.ray is not None and pending:  # the shards run on a Ray cluster; the commit below stays here
+        from kdgen.ray_runner import write_shards
+
+        work.gen_wall, work.gen_tokens = write_shards(job, per, num, pending)
+        pending = []
     if pending:
         reuse = RowReuse(job.fs, job.root, job.manifest_core, exclude=job.fingerprint)
         if len(reuse):
@@ -482,15 +510,9 @@ class _Work:
             longest = max(len(p) for p in job.prompt_ids) + (
                 cfg.max_new_tokens if job.kind == "generate" else max(len(c) for c in job.completion_ids)
             )
-            backend_name = job.manifest_core["generation"]["backend"]
-            options = {"batch_size": min(cfg.batch_size, 16)} if backend_name == "hf" else {
-                "gpu_memory_utilization": cfg.gpu_memory_utilization,
-                "seed": cfg.seed,
-            }
+            backend_name, options, max_len = engine_settings(job, longest)
             with status(f"starting the {backend_name} engine on {job.teacher.model.path}"):
-                self.backend = make_backend(
-                    backend_name, job.teacher.model.path, job.teacher.dtype, cfg.k, min(job.teacher.context, longest + 8), options
-                )
+                self.backend = make_backend(backend_name, job.teacher.model.path, job.teacher.dtype, cfg.k, max_len, options)
         return self.backend
 
     def rows_for(self, prompt_indices: range, bar: RowProgress) -> list[fmt.Row]:
