@@ -50,7 +50,7 @@ from kdcore.models import ResolvedModel, resolve
 from kdgen.store import RowReuse
 from kdcore.teacher import Teacher, load_teacher, remembered_identity
 from kdcore import engine_options
-from kdgen.scale import engine_settings, run_data_parallel, scale_problems
+from kdgen.scale import engine_settings, fans_out, run_data_parallel, scale_problems
 
 PLAN = ".kdgen-plan.json"
 WAIT_POLL_S = 1.0  # how often a process waiting for another's shards or lock looks again
@@ -84,7 +84,7 @@ class GenerateConfig:
     # scaling out (issue 13; README "Scaling out"): engine layout, served teachers, Ray
     tensor_parallel_size: int = _f(1, "vLLM: GPUs that split each layer of one engine (tensor parallel). Not part of the fingerprint.")
     pipeline_parallel_size: int = _f(1, "vLLM: GPUs that split the layers of one engine (pipeline parallel). Not part of the fingerprint.")
-    data_parallel_size: int = _f(1, "vLLM: engines on this machine, each on tensor x pipeline GPUs of its own; they split the shards. Not part of the fingerprint.")
+    data_parallel_size: int = _f(1, "Engine processes on this machine, each on tensor x pipeline GPUs of its own; they split the shards. Not part of the fingerprint.")
     max_model_len: int | None = _f(None, "vLLM context per sequence (sizes the KV cache). Default: the longest prompt plus --max-new-tokens.")
     quantization: str | None = _f(None, "vLLM weight quantization (fp8, awq, gptq, ...). It changes the rows, so it is part of the fingerprint.")
     engine_arg: list[str] = _f([], "Extra vLLM engine argument KEY=VALUE, repeatable (e.g. max_num_seqs=256); values are read as JSON when they parse.")
@@ -366,7 +366,7 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
     they are generated, so two processes split the shards, and each waits for the shards the other
     holds; the plan and the commit happen under the dataset lock (kdgen/locks.py).
     """
-    if cfg.data_parallel_size > 1:  # N engine processes split the shards (kdgen/scale.py)
+    if fans_out(cfg):  # N engine processes split the shards (kdgen/scale.py)
         validate(cfg, kind)
         return run_data_parallel(cfg, kind)
     url, job = _run(cfg, kind)

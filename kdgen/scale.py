@@ -20,13 +20,14 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 from kdcore import engine_options
 from kdcore.backends import default_backend
 from kdcore.errors import KdError
 
-VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_model_len", "quantization", "engine_arg")
+VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "quantization", "engine_arg")
+RANK_ENV = "KD_DATA_PARALLEL_RANK"  # set in each data-parallel worker (which must not fan out again)
 SERVER_SIDE = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_model_len", "engine_arg")
 
 
@@ -131,6 +132,11 @@ def _as_list(v) -> list:
 _WORKER = "import json, sys\nfrom kdgen.generate import GenerateConfig, run\na = json.loads(sys.argv[1])\nprint(run(GenerateConfig(**a['cfg']), a['kind']))\n"
 
 
+def fans_out(cfg) -> bool:
+    """Whether this run starts data-parallel workers (it is not one of them)."""
+    return cfg.data_parallel_size > 1 and RANK_ENV not in os.environ
+
+
 def run_data_parallel(cfg, kind: str) -> str:
     """`--data-parallel-size N`: N engine processes on this machine split the shards; returns the URL."""
     per = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
@@ -140,10 +146,10 @@ def run_data_parallel(cfg, kind: str) -> str:
             f"--data-parallel-size {cfg.data_parallel_size} x {per} GPU(s) per engine needs {per * cfg.data_parallel_size} GPUs; "
             f"{len(devices)} visible"
         )
-    arg = json.dumps({"cfg": asdict(replace(cfg, data_parallel_size=1)), "kind": kind})
+    arg = json.dumps({"cfg": asdict(cfg), "kind": kind})
     procs = []
     for w in range(cfg.data_parallel_size):
-        env = dict(os.environ)
+        env = {**os.environ, RANK_ENV: str(w)}
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[w * per : (w + 1) * per])
         else:  # CPU engines share the cores
