@@ -23,8 +23,10 @@ import sys
 from dataclasses import asdict
 
 from kdcore import engine_options
+from kdcore import format as fmt
 from kdcore.backends import default_backend
 from kdcore.errors import KdError
+from kdcore.progress import console
 
 VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "quantization", "engine_arg")
 RANK_ENV = "KD_DATA_PARALLEL_RANK"  # set in each data-parallel worker (which must not fan out again)
@@ -162,6 +164,9 @@ def run_data_parallel(cfg, kind: str) -> str:
             urls.append(out.strip().splitlines()[-1])
         else:
             failed.append(f"engine {w} exited with status {p.returncode}")
+    if failed and urls and fmt.read_manifest(*fmt.open_fs(urls[0])) is not None:
+        console.print(f"[yellow]note:[/] {'; '.join(failed)}; the other engines finished its shards")
+        return urls[0]
     if failed:
         raise KdError(f"--data-parallel-size {cfg.data_parallel_size}: {'; '.join(failed)} (its error is above); run the same command again to resume")
     return urls[0]

@@ -56,13 +56,14 @@ class VLLMServer:
         args = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", "127.0.0.1",
             "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--max-logprobs", str(self.k),
-            "--logprobs-mode", "raw_logprobs", "--generation-config", "vllm", "--gpu-memory-utilization", "0.1",
+            "--logprobs-mode", "raw_logprobs", "--generation-config", "vllm", "--gpu-memory-utilization", "0.05",
             "--max-model-len", "1024", "--seed", "0", "--disable-log-stats",
             # as the in-process CPU engine (kdcore/backends/vllm_backend.py): whole-prompt prefill
             "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
         ]  # fmt: skip
         env = {**ONE_THREAD_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-        self.proc = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env)
+        # its own process group: the API server spawns an engine-core process that must die with it
+        self.proc = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -75,8 +76,11 @@ class VLLMServer:
         raise RuntimeError(f"vLLM server not up after {timeout} s: {self.log.read_text()[-3000:]}")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the API server and its engine core
+            except ProcessLookupError:
+                pass
             self.proc.wait()
 
 
@@ -108,10 +112,10 @@ def gen_args(cfg: GenerateConfig) -> list[str]:
 def runs(server, tiny_model_dir, tmp_path_factory):
     """The same greedy generation and scoring in-process (vLLM) and through the server."""
     tmp = tmp_path_factory.mktemp("server-runs")
-    prompts = write_jsonl(tmp / "prompts.jsonl", CHAT_ROWS * 2 + [{"prompt": f"Count to {i}:"} for i in range(12)])
+    prompts = write_jsonl(tmp / "prompts.jsonl", CHAT_ROWS + [{"messages": [{"role": "user", "content": f"Count to {i}."}]} for i in range(18)])
     gen_cfg = GenerateConfig(
         prompts=prompts, out=str(tmp / "local"), teacher=tiny_model_dir, backend="vllm", dtype="float32",
-        temperature=0.0, max_new_tokens=24, k=8, shard_prompts=2, server_retries=1,
+        temperature=0.0, max_new_tokens=24, k=8, shard_prompts=2, server_retries=1, gpu_memory_utilization=0.05,
     )  # fmt: skip
     pairs = [{"prompt": f"Question {i}:", "completion": f" the answer is {i * 7} apples"} for i in range(6)]
     score_cfg = replace(gen_cfg, prompts=write_jsonl(tmp / "pairs.jsonl", pairs), out=str(tmp / "local-score"))

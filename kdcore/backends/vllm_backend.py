@@ -8,7 +8,10 @@ Settings that matter (see ../shared/DESIGN.md):
   dicts — we decode the completion once ourselves and reshape the flat arrays with numpy;
   each position holds k + 1 entries: the sampled token first, then the top-k by rank;
 * prompts go in as token ids (we applied the chat template; no double BOS);
-* one seed per request, derived from the row id.
+* one seed per request, derived from the row id;
+* engine layout and numerics from `kdgen generate` (issue 13): tensor / pipeline parallel size,
+  `quantization`, and any other `EngineArgs` field as `--engine-arg KEY=VALUE` (checked against
+  EngineArgs before the engine starts). Data parallel is several engine processes (kdgen/scale.py).
 On CPU: `gpu_memory_utilization` is a fraction of RAM (0.3 works), `enforce_eager=True` cuts
 start-up from minutes to under one, and `VLLM_ENABLE_V1_MULTIPROCESSING=0` runs the engine
 in-process (reproducible; no `__main__` guard needed).
