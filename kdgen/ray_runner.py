@@ -136,9 +136,8 @@ def write_shards(job, per: int, num: int, pending: list[int]) -> tuple[float, in
                     try:
                         out = ray.get(ref)
                     except RayTaskError as e:  # the shard's code raised: a user-fixable error passes through
-                        cause = e.as_instanceof_cause()
-                        if isinstance(cause, KdError):
-                            raise KdError(str(cause).splitlines()[-1].split(": ", 1)[-1]) from None
+                        if isinstance(e.cause, KdError):
+                            raise KdError(str(e.cause)) from None
                         raise
                     except (ActorDiedError, ActorUnavailableError, RayActorError):
                         attempts[i] += 1

@@ -2,7 +2,7 @@
 marked slow.
 
 The module starts one cluster (`ray.cluster_utils.Cluster`: a head and a second node, one CPU
-each, on 127.0.0.1). Two vLLM replicas (tiny model, CPU) write the shards; one replica's process is
+each, on this machine). Two vLLM replicas (tiny model, CPU) write the shards; one replica's process is
 SIGKILLed while it holds a shard's claim; the shard goes to another replica and the dataset equals
 the in-process engine's row for row. A rerun of the same command skips the committed dataset.
 The hf backend runs on the same cluster as well (Ray places any backend).
@@ -37,11 +37,10 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False},
-    )
-    c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    # both nodes on this machine's own address (pinning 127.0.0.1 left the GCS advertised on the
+    # interface address, where a driver in another process could not reach it)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
     yield c
     c.shutdown()
 
