@@ -20,6 +20,10 @@ only complete shards, temp files and stale locks, all of which a rerun handles. 
 (kdgen/store.py): rows of complete datasets under the same root made with the same teacher and
 generation settings are taken by row id instead of generated again.
 
+Scaling out (issue 13): `--data-parallel-size N` runs N such processes on one machine
+(kdgen/scale.py); `--ray` hands the pending shards to engines on a Ray cluster and commits here
+(kdgen/ray_runner.py); `--backend server` is one more backend (kdcore/backends/server_backend.py).
+
 Test: `pytest tests/test_generate.py` (hf backend, tiny model) and `-m slow` (vLLM, real teacher).
 """
 

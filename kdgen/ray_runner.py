@@ -25,7 +25,9 @@ Test: `pytest -m slow tests/test_kdgen_ray.py` (a two-node Ray cluster on loopba
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from collections import deque
 
@@ -108,6 +110,12 @@ def _resources(cfg) -> dict:
 
 def write_shards(job, per: int, num: int, pending: list[int]) -> tuple[float, int]:
     """Write the `pending` shards on the cluster; returns (engine seconds, tokens) summed over actors."""
+    # Ray prints worker deaths ("(raylet) A worker died ...") on stdout, which carries only the URL
+    with contextlib.redirect_stdout(sys.stderr):
+        return _write_shards(job, per, num, pending)
+
+
+def _write_shards(job, per: int, num: int, pending: list[int]) -> tuple[float, int]:
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 

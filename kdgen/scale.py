@@ -16,6 +16,7 @@ Test: `pytest tests/test_kdgen_engine_flags.py`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -71,6 +72,8 @@ def scale_problems(cfg) -> list[str]:
         problems.append(f"--server-url {cfg.server_url}: only used with --backend server")
     if cfg.ray is not None and cfg.data_parallel_size > 1:
         problems.append("--data-parallel-size with --ray: use --replicas N (engines spread over the cluster)")
+    if cfg.ray is not None and importlib.util.find_spec("ray") is None:
+        problems.append(f"--ray {cfg.ray}: Ray is not installed here; install the ray extra (pip install -e '.[ray]')")
     if cfg.replicas > 1 and cfg.ray is None:
         problems.append(f"--replicas {cfg.replicas} needs --ray ADDRESS|auto; on one machine use --data-parallel-size")
     gpus_per_engine = cfg.tensor_parallel_size * cfg.pipeline_parallel_size

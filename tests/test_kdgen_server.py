@@ -201,3 +201,24 @@ def test_server_killed_mid_run_then_rerun_resumes(runs, server):
     assert "resuming" in proc.stderr
     assert_same_rows(runs["served"], proc.stdout.strip())
     assert_valid(proc.stdout.strip())
+
+
+@pytest.mark.parametrize("backend", ["server", "vllm"])
+def test_kdgen_sigkilled_mid_run_then_rerun_equals(runs, server, backend):
+    """The SIGKILL-and-resume check of tests/test_kdgen_crash.py (hf, 20 kills) once for each vLLM
+    path: kill `kdgen generate` itself once a shard is written, rerun, same rows as uninterrupted."""
+    cfg = replace(runs["cfg"], out=str(runs["tmp"] / f"sigkill-{backend}"), backend=backend, server_url=server.url if backend == "server" else None)
+    args = [sys.executable, "-m", "kdgen", *gen_args(cfg)] + (["--gpu-memory-utilization", "0.05"] if backend == "vllm" else [])
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ONE_THREAD_ENV)
+    dataset = Path(cfg.out) / Path(runs["served"]).name
+    t0 = time.time()
+    while not shards(dataset) and proc.poll() is None:
+        assert time.time() - t0 < 600
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(shards(dataset)) < 12 and not (dataset / fmt.MANIFEST).exists()
+    done = kdgen(*args[3:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_rows(runs["served"], done.stdout.strip())
+    assert_valid(done.stdout.strip())
