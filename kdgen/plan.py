@@ -24,6 +24,7 @@ from typing import Iterator
 from kdcore import codec
 import kdcore.dataset as kds
 import kdcore.io as kio
+from kdcore import engine_options
 from kdcore.backends import default_backend, engine_version
 from kdcore.errors import KdError
 from kdcore.models import ResolvedModel, resolve
@@ -54,6 +55,8 @@ def generation_info(cfg: GenerateConfig, backend: str, kind: str) -> dict:
         "seed": 0 if greedy else cfg.seed,
         "k": cfg.k,
         "logprob_mode": "raw_logprobs_temperature_1",
+        "quantization": engine_options.numerics(cfg.quantization, cfg.engine_arg),
+        **({"server_url": cfg.server_url} if cfg.backend == "server" else {}),
     }
 
 
@@ -113,6 +116,8 @@ def _job(cfg: GenerateConfig, kind: str, request: tuple[list[Prompt], dict], mod
     """The job of this request and teacher identity: the fingerprint and where the dataset lives."""
     prompts, prompt_info = request
     backend = default_backend() if cfg.backend == "auto" else cfg.backend
+    if backend == "server":  # a vLLM engine behind HTTP: the same rows as in-process, so the same key
+        backend = "vllm"
     core = {
         "format_version": codec.FORMAT_VERSION,
         "teacher": teacher_info,
