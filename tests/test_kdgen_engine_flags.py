@@ -16,17 +16,19 @@ from dataclasses import replace
 import pytest
 
 import kdgen.generate as gen
+from kdcore.backends import vllm_available
+from kdgen.plan import manifest_core
 from kdcore import engine_options
 import kdcore.dataset as kds
 from kdcore.errors import ConfigError, KdError
-from kdgen.config import GenerateConfig
+from kdgen.config import GenerateConfig, validate
 from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, tiny_config, write_jsonl  # noqa: F401
 
 
 def problems_of(**overrides) -> list[str]:
     cfg = replace(GenerateConfig(prompts="p.jsonl"), **overrides)
     with pytest.raises(ConfigError) as e:
-        gen.validate(cfg, "generate")
+        validate(cfg, "generate")
     return e.value.problems
 
 
@@ -53,7 +55,7 @@ def test_engine_args_parse_as_json_values_or_strings():
     ],
 )
 def test_bad_scale_flags_name_the_flag(overrides, expected):
-    if overrides.get("backend") == "vllm" and not gen.vllm_available():
+    if overrides.get("backend") == "vllm" and not vllm_available():
         pytest.skip("needs vllm installed")
     found = problems_of(**overrides)
     assert any(p.startswith(expected) or expected in p for p in found), found
@@ -64,7 +66,7 @@ def fingerprint_of(**overrides) -> str:
     cfg = replace(GenerateConfig(prompts="p.jsonl", backend="vllm"), **overrides)
     teacher = {"weights_hash": "w", "dtype": "float32"}
     tokenizer = {"tokenizer_hash": "t", "chat_template_hash": "c", "embedding_rows": 100}
-    return kds.fingerprint(gen._core(cfg, "generate", teacher, tokenizer, {"content_hash": "p"}))
+    return kds.fingerprint(manifest_core(cfg, "generate", teacher, tokenizer, {"content_hash": "p"}))
 
 
 def test_quantization_is_in_the_fingerprint_engine_layout_is_not():
