@@ -22,6 +22,7 @@ Test: `pytest tests/test_kdtrain_train.py tests/test_kdtrain_parallel.py`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -48,6 +49,7 @@ class KDLoss:
     chunk_size: int = 0
     span_weight: float = 0.0  # chunk-likelihood term (cross-tokenizer batches only)
     top_k: int = 0  # use the first top_k of the stored (descending) top-k; 0 = all
+    ir_weight: float = 0.0  # hidden-state alignment (online mode with --ir-layers only)
 
 
 @dataclass
@@ -57,10 +59,15 @@ class KDOutput:
     ce_sum: torch.Tensor
     n_tokens: torch.Tensor
     span_sum: torch.Tensor | None = None  # chunk-likelihood sum (cross-tokenizer batches)
+    ir_sum: torch.Tensor | None = None  # hidden-state alignment sum (online mode)
 
 
-def attach_kd_head(model, loss: KDLoss) -> None:
-    """Patch `model.forward` (a causal LM, before or under PEFT) to accept `kd_targets`."""
+def attach_kd_head(model, loss: KDLoss, online=None) -> None:
+    """Patch `model.forward` (a causal LM, before or under PEFT) to accept `kd_targets`.
+    With `online` (a `kdtrain.online.OnlineTeacher`), the targets hold the teacher's hidden
+    states and the loss is dense KD (+ IR alignment) instead of the sparse one."""
+    if online is not None:
+        online.attach_student(model)
     inner = model.forward
     text_config = model.config.get_text_config()
     softcap = getattr(text_config, "final_logit_softcapping", None)
@@ -73,13 +80,18 @@ def attach_kd_head(model, loss: KDLoss) -> None:
         kwargs.pop("labels", None)
         kwargs.pop("num_items_in_batch", None)
         # looked up per call: PEFT and FSDP replace the backbone and head after patching
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        tap = online.student_tap.capture() if online is not None and online.student_tap is not None else contextlib.nullcontext({})
+        with tap as taps:
+            hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = kd_targets["labels"][:, 1:]
         mask = labels != -100
         weight = self.get_output_embeddings().weight
         if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: a head sharded in a unit of its own (accelerate's is whole here)
             weight = weight.full_tensor()
         h = hidden[mask].to(weight.device)
+        if online is not None:
+            total, kd_sum, ce_sum, ir_sum = online.losses(h, weight, labels[mask].to(h.device), mask, taps, kd_targets, loss, softcap)
+            return KDOutput(total, kd_sum, ce_sum, mask.sum(), ir_sum=ir_sum)
         if "topk_ids" in kd_targets and loss.kd_weight:
             keep = slice(None, loss.top_k or None)  # stored best first: the first N are the top-N
             ids = kd_targets["topk_ids"][:, 1:, keep][mask].long()
@@ -103,17 +115,22 @@ def attach_kd_head(model, loss: KDLoss) -> None:
 class KDTrainer(SFTTrainer):
     """SFTTrainer whose loss is `KDLoss` (see the module docstring)."""
 
-    def __init__(self, *args, kd_loss: KDLoss, kd_record: dict | None = None, **kwargs):
+    def __init__(self, *args, kd_loss: KDLoss, kd_record: dict | None = None, online=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.kd_loss = kd_loss
         self.kd_record = kd_record or {}
+        self.online = online.to(self.args.device) if online is not None else None  # kdtrain.online.OnlineTeacher
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        attach_kd_head(base, kd_loss)
-        self._kd_acc = torch.zeros(5, dtype=torch.float64)  # kd_sum, ce_sum, label tokens, sequence tokens, span_sum
+        attach_kd_head(base, kd_loss, self.online)
+        if self.online is not None:
+            self.add_callback(self.online.callback())
+        self._kd_acc = torch.zeros(6, dtype=torch.float64)  # kd_sum, ce_sum, label tokens, sequence tokens, span_sum, ir_sum
         self._kd_clock: float | None = None  # started by the first training micro-batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "chunk_ids", "chunk_logprobs") if k in inputs}
+        if self.online is not None:
+            targets.update(self.online.teacher_targets(inputs))
         out: KDOutput = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_targets=targets)
         denom = out.n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = out.total / denom
@@ -130,6 +147,7 @@ class KDTrainer(SFTTrainer):
                     out.n_tokens.double().cpu(),
                     inputs["attention_mask"].sum().double().cpu(),
                     (out.span_sum if out.span_sum is not None else out.kd_sum.new_zeros(())).detach().double().cpu(),
+                    (out.ir_sum if out.ir_sum is not None else out.kd_sum.new_zeros(())).detach().double().cpu(),
                 ]
             )
         return (loss, out) if return_outputs else loss
@@ -145,7 +163,10 @@ class KDTrainer(SFTTrainer):
             span = acc[4].item() / n
             if self.kd_loss.span_weight:
                 logs["chunk"] = round(span, 6)
-            logs["total"] = round(self.kd_loss.ce_weight * ce + self.kd_loss.kd_weight * kd + self.kd_loss.span_weight * span, 6)
+            ir = acc[5].item() / n
+            if self.kd_loss.ir_weight:
+                logs["ir"] = round(ir, 6)
+            logs["total"] = round(self.kd_loss.ce_weight * ce + self.kd_loss.kd_weight * kd + self.kd_loss.span_weight * span + self.kd_loss.ir_weight * ir, 6)
             logs["tokens_per_s"] = round(acc[3].item() / max(now - (self._kd_clock or now), 1e-9), 1)
             self._kd_acc.zero_()
             self._kd_clock = now
@@ -156,6 +177,23 @@ class KDTrainer(SFTTrainer):
         if self.args.should_save:
             folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
             write_kd_config(folder, {**self.kd_record, "global_step": self.state.global_step})
+            if self.online is not None:
+                self.online.save_ir(folder)
+
+    # the online IR projection is trained beside the model (kdtrain.online): its own optimizer
+    # group, gradients averaged over processes before each step, state restored on resume
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        ir = self.online.ir if self.online is not None else None
+        if ir is not None and ir.proj is not None and not any(p is q for g in optimizer.param_groups for p in g["params"] for q in ir.parameters()):
+            optimizer.add_param_group({"params": list(ir.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.online is not None:
+            self.online.load_ir(resume_from_checkpoint)
 
 
 def write_kd_config(folder: str, record: dict) -> None:
