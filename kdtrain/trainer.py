@@ -13,11 +13,15 @@ tests/test_kdtrain_train.py). What this adds:
   every process), so gradient accumulation and data parallelism give the loss of the big batch.
   In text mode the same path runs with kd_weight = 0 and ce_weight = 1. With a cross-tokenizer
   batch (`chunk_ids` from `kdtrain.crosstok.CrossKDCollator`) the chunk-likelihood sum joins in.
-* logs `ce`, `kd`, `chunk` (cross-tokenizer only), `total` (per-token means over the logging window) and `tokens_per_s`
+* `--online` (`kdtrain.online.OnlineTeacher`): `compute_loss` runs the frozen teacher on the batch
+  first; the patched forward then computes dense KD (`kdtrain.dense`) plus, with --ir-layers,
+  ir_weight * ir_sum; the IR projection gets its own optimizer group and is saved beside every
+  checkpoint and restored on resume.
+* logs `ce`, `kd`, `chunk` (cross-tokenizer only), `ir` (online IR only), `total` (per-token means over the logging window) and `tokens_per_s`
   (sequence tokens, prompts included, per wall second, all processes).
 * writes `kd_config.json` into every checkpoint.
 
-Test: `pytest tests/test_kdtrain_train.py tests/test_kdtrain_parallel.py`.
+Test: `pytest tests/test_kdtrain_train.py tests/test_kdtrain_parallel.py tests/test_kdtrain_online.py`.
 """
 
 from __future__ import annotations

@@ -265,13 +265,8 @@ def test_kill_and_resume_restores_the_projection(world, tmp_path):
     seen = {}
 
     class Look(TrainerCallback):
-        def on_train_begin(self, args, state, control, **_):
-            import gc
-
-            from kdtrain.trainer import KDTrainer
-
-            t = next(o for o in gc.get_objects() if isinstance(o, KDTrainer) and o.args.output_dir == str(out))
-            seen["proj"] = t.online.ir.proj[0].weight.detach().clone()
+        def on_train_begin(self, args, state, control, optimizer=None, **_):
+            seen["proj"] = optimizer.param_groups[-1]["params"][0].detach().clone()  # the projection's own group
 
         def on_step_end(self, args, state, control, **_):
             seen.setdefault("steps", []).append(state.global_step)
@@ -351,3 +346,29 @@ def test_cli_prompt_file_end_to_end_with_resume(world, tmp_path):
     assert record["global_step"] == 3 and record["datasets"] == [{"prompts": world["pc"]}] and record["examples"]["rows"] == N_PROMPTS
     assert [h["step"] for h in record["log_history"]] == [1, 2, 3] and all(h["ir"] > 0 and h["kd"] > 0 for h in record["log_history"])
     assert (out / "checkpoint-2" / "ir_projection.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_online_with_ir(world, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (DDP over gloo) online with IR: two processes
+    x batch 2 take the step one process takes with batch 4 — same first loss, same IR projection
+    and student weights after the step (the projection's gradients are averaged over processes)."""
+    from safetensors.torch import load_file
+
+    from kdtrain.train import run
+
+    flags = ["--online", "--teacher", world["teacher"], "--data", world["data"], "--student", world["narrow"], "--ir-layers", "0:1", "--ce-weight", "0.5", "--limit", "4",
+             "max_steps=1", "logging_steps=1", "save_steps=1", "lr=3e-3", "warmup_ratio=0", "max_grad_norm=0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KD_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
+           "-m", "kdtrain", "run", "--out", str(tmp_path / "ddp"), "--batch-size", "2", *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run(_cfg(world, tmp_path / "one", student=world["narrow"], ir_layers="0:1", ce_weight=0.5, limit=4, batch_size=4, max_steps=1, save_steps=1, max_grad_norm=0.0))
+    ddp, one = (json.loads((tmp_path / n / "kd_config.json").read_text()) for n in ("ddp", "one"))
+    for key in ("loss", "kd", "ce", "ir"):
+        assert ddp["log_history"][0][key] == pytest.approx(one["log_history"][0][key], rel=1e-4), key
+    for name in ("ir_projection.safetensors", "model.safetensors"):
+        a, b = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "one" / name)
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
