@@ -24,7 +24,7 @@ from conftest import REPO, build_tiny_model
 from kdcore.divergences import DIVERGENCES, SparseKD
 from kdcore.errors import ConfigError, KdError
 from kdtrain.config import load_config, parse_ir_layers
-from test_kdtrain_train import _generate, _other_tokenizer_model, _peaky_model
+from kdtrain_helpers import generate_dataset, other_tokenizer_model, peaky_model
 
 N_PROMPTS = 6
 
@@ -37,10 +37,10 @@ def world(tmp_path_factory, tokenizer):
     rows = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:N_PROMPTS]]
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
-    teacher = _peaky_model(root / "teacher", tokenizer, seed=0)
+    teacher = peaky_model(root / "teacher", tokenizer, seed=0)
     narrow = build_tiny_model(root / "narrow", tokenizer, seed=2, layers=1, hidden=32)
-    student = _peaky_model(root / "student", tokenizer, seed=1, layers=1)
-    data = _generate(prompts, root / "datasets", teacher, k=len(tokenizer))
+    student = peaky_model(root / "student", tokenizer, seed=1, layers=1)
+    data = generate_dataset(prompts, root / "datasets", teacher, k=len(tokenizer))
     pc = root / "pc.jsonl"  # a prompt file with completions (what online mode takes besides teacher datasets)
     pc.write_text("".join(json.dumps({"messages": r["messages"][:1], "completion": r["messages"][-1]["content"][:80]}) + "\n" for r in rows), encoding="utf-8")
     return {"root": root, "teacher": teacher, "student": student, "narrow": str(narrow), "data": data, "pc": str(pc)}
@@ -91,7 +91,7 @@ def test_dense_kd_matches_a_naive_reference():
             ht, wt = torch.randn(N, Ht), torch.randn(V, Ht)
             labels = torch.randint(0, V, (N,))
             spec = SparseKD(loss=loss, temperature=T, alpha=0.2, beta=0.3)
-            total, kd, ce = fused_dense_kd(h, w, ht, wt, labels, spec, ce_weight=0.3, kd_weight=0.7, chunk=5, softcap=cap)
+            total, kd, ce = fused_dense_kd(h, w, ht, wt, labels, spec, ce_weight=0.3, kd_weight=0.7, tile=5, softcap=cap)
             total.backward()
             h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
             z = h64 @ w64.t()
@@ -164,9 +164,9 @@ def test_dense_equals_sparse_when_k_is_the_vocabulary_in_memory():
             h = torch.randn(N, H, generator=torch.Generator().manual_seed(2)).requires_grad_()
             w = torch.randn(V, H, generator=torch.Generator().manual_seed(3)).requires_grad_()
             if dense:
-                total, kd, _ = fused_dense_kd(h, w, ht, wt, labels, spec, 0.5, 1.0, chunk=4)
+                total, kd, _ = fused_dense_kd(h, w, ht, wt, labels, spec, 0.5, 1.0, tile=4)
             else:
-                total, kd, _, _ = fused_kd_losses(h, w, labels, ids, lps, spec, 0.5, 1.0, chunk=4)
+                total, kd, _, _ = fused_kd_losses(h, w, labels, ids, lps, spec, 0.5, 1.0, tile=4)
             total.backward()
             sums.append(kd.item())
             grads.append((h.grad, w.grad))
@@ -327,7 +327,7 @@ def test_bad_layer_maps_and_tokenizers_are_one_line_errors(world, tmp_path):
         _cfg(world, tmp_path / "o", ir_layers="0:0", ir_loss="huber")
     with pytest.raises(KdError, match=r"out of range: student layer 1 \(the student has 1: 0..0\); teacher layer 7 \(the teacher has 2: 0..1\)"):
         build_trainer(_cfg(world, tmp_path / "o", ir_layers="0:1,1:7"))
-    other = _other_tokenizer_model(tmp_path / "other")
+    other = other_tokenizer_model(tmp_path / "other")
     with pytest.raises(KdError, match="differs from the teacher's .*without --online \\(cross-tokenizer KD\\)"):
         build_trainer(_cfg(world, tmp_path / "o", student=other))
 
