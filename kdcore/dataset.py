@@ -38,7 +38,9 @@ SHARD_PATH_RE = re.compile(rf"{DATA_DIR}/train-\d{{5}}-of-\d{{5}}\.parquet")
 
 # Everything that changes the rows goes into the fingerprint; nothing else does. This is the one
 # list (docs/FORMAT.md prints it): anything not named here — batch sizes, engine memory settings,
-# shard size, output paths, timestamps, kdgen version — never changes the key.
+# shard size, output paths, timestamps, kdgen version — never changes the key. Engine layout
+# (tensor/pipeline/data parallel size, replicas, a served or Ray-run engine) is left out too: the
+# same weights give the same rows on any layout; weight quantization is in (kdcore/engine_options.py).
 FINGERPRINT_FIELDS = (
     "format_version",
     "teacher.weights_hash",
@@ -55,6 +57,7 @@ FINGERPRINT_FIELDS = (
     "generation.k",
     "generation.logprob_mode",
     "generation.kind",
+    "generation.quantization",
     "prompts.content_hash",
 )
 

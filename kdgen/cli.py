@@ -29,6 +29,7 @@ def _generate(kind: str):
 
 # flags of `generate` only (sampling and slicing) and of `score` only (the given completions)
 SAMPLING = ("temperature", "top_p", "top_k", "max_new_tokens", "n", "seed", "shard_index", "num_shards")
+SCALE_OUT = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "ray", "replicas")  # generate only, for now
 SCORING = ("completion_column", "append_eos")
 app.command("generate")(
     config_command(GenerateConfig, _generate("generate"), "Generate completions and top-k log-probs with the teacher; print the dataset URL.", exclude=SCORING)
@@ -36,7 +37,7 @@ app.command("generate")(
 app.command("score")(
     config_command(
         GenerateConfig, _generate("score"), "Teacher-forced top-k log-probs for given prompt + completion pairs (same row schema).",
-        exclude=SAMPLING, helps={"prompts": "File with prompts and completions to score (teacher-forced)."},
+        exclude=SAMPLING + SCALE_OUT, helps={"prompts": "File with prompts and completions to score (teacher-forced)."},
     )
 )
 

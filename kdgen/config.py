@@ -13,6 +13,7 @@ from kdcore.backends import vllm_available
 from kdcore.config import doc_field as _f
 from kdcore.config import Documented, sampling_problems
 from kdcore.errors import collect
+from kdgen.scale import scale_problems
 
 
 @dataclass
@@ -40,6 +41,19 @@ class GenerateConfig(Documented):
     num_shards: int = _f(1, "Split the work over this many machines; each runs with its own --shard-index.")
     gpu_memory_utilization: float | None = _f(None, "vLLM memory fraction (of RAM on CPU). Default 0.3 on CPU, 0.9 on GPU.")
     append_eos: bool = _f(True, "`kdgen score`: end each given completion with the EOS token.")
+    # scaling out (README "Scaling out"): engine layout, served teachers, Ray
+    tensor_parallel_size: int = _f(1, "vLLM: GPUs that split each layer of one engine (tensor parallel). Not part of the fingerprint.")
+    pipeline_parallel_size: int = _f(1, "vLLM: GPUs that split the layers of one engine (pipeline parallel). Not part of the fingerprint.")
+    data_parallel_size: int = _f(1, "Engine processes on this machine, each on tensor x pipeline GPUs of its own; they split the shards. Not part of the fingerprint.")
+    max_model_len: int | None = _f(None, "vLLM context per sequence (sizes the KV cache). Default: the longest prompt plus --max-new-tokens.")
+    quantization: str | None = _f(None, "vLLM weight quantization (fp8, awq, gptq, ...). It changes the rows, so it is part of the fingerprint.")
+    engine_arg: list[str] = _f([], "Extra vLLM engine argument KEY=VALUE, repeatable (e.g. max_num_seqs=256); values are read as JSON when they parse.")
+    server_url: str | None = _f(None, "--backend server: base URL of a vLLM OpenAI-compatible server (e.g. http://gpu-box:8000).")
+    server_concurrency: int = _f(32, "--backend server: requests in flight at once.")
+    server_timeout: float = _f(600.0, "--backend server: seconds to wait for one request before retrying it.")
+    server_retries: int = _f(5, "--backend server: retries of a request after a timeout, a refused connection or a 5xx answer (backoff 0.5 s, doubling).")
+    ray: str | None = _f(None, "Run the shards on a Ray cluster: its address (host:port) or auto; without a cluster, auto starts a local one.")
+    replicas: int = _f(1, "--ray: how many engines to run, each on tensor x pipeline GPUs (or one CPU).")
 
 
 
@@ -47,8 +61,9 @@ def validate(cfg: GenerateConfig, kind: str) -> None:
     problems = []
     if not cfg.prompts:
         problems.append("--prompts is required: a .jsonl, .parquet, .csv file or an HF dataset directory")
-    if cfg.backend not in ("auto", "vllm", "hf"):
-        problems.append(f"--backend {cfg.backend}: choose vllm, hf or auto")
+    if cfg.backend not in ("auto", "vllm", "hf", "server"):
+        problems.append(f"--backend {cfg.backend}: choose vllm, hf, server or auto")
+    problems += scale_problems(cfg)
     if cfg.backend == "vllm" and not vllm_available():
         problems.append("--backend vllm: vLLM is not installed here; install '.[cpu]' or '.[gpu]', or use --backend hf")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):

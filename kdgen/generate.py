@@ -20,6 +20,10 @@ Reliability (issue 7): two processes on the same request split the shards throug
 claims (kdgen/locks.py) and never write the same shard at once; a SIGKILL at any moment leaves
 only complete shards, temp files and stale locks, all of which a rerun handles.
 
+Scaling out: `--data-parallel-size N` runs N such processes on one machine (kdgen/scale.py);
+`--ray` hands the pending shards to engines on a Ray cluster and commits here (kdgen/ray_runner.py);
+`--backend server` is one more backend (kdcore/backends/server_backend.py).
+
 Test: `pytest tests/test_kdgen_generate.py` (hf backend, tiny model) and `-m slow` (vLLM, real
 teacher); crash, concurrency and resume: tests/test_kdgen_crash.py, tests/test_kdgen_concurrency.py.
 """
@@ -40,6 +44,7 @@ from kdgen.commit import commit, finalize, merge, summary
 from kdgen.config import GenerateConfig, validate
 from kdgen.locks import FileLock, lock_path
 from kdgen.plan import PLAN, WAIT_POLL_S, Job, blocks, check_output, claim_plan, every_shard_written, locate, prepare, shard_has_rows
+from kdgen.scale import engine_settings, fans_out, run_data_parallel
 from kdgen.store import RowReuse
 
 
@@ -50,6 +55,9 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
     they are generated, so two processes split the shards, and each waits for the shards the other
     holds; the plan and the commit happen under the dataset lock (kdgen/locks.py).
     """
+    if fans_out(cfg):  # --data-parallel-size N: N engine processes split the shards (kdgen/scale.py)
+        validate(cfg, kind)
+        return run_data_parallel(cfg, kind)
     url, job = _run(cfg, kind)
     if job is not None and kds.read_manifest(job.fs, job.dataset_dir) is not None:
         # every process that leaves a committed dataset tidies up once its own locks are gone, so the
@@ -75,7 +83,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, Job | None]:
         return job.url, job
     shards = blocks(plan, len(job.prompts))
     mine = [i for i in range(len(shards)) if i % cfg.num_shards == cfg.shard_index]
-    work = _Work(job)
+    work = Work(job)
     if not _write_shards(job, work, shards, mine):
         console.print(f"another process committed {job.url} meanwhile; stopping")
         return job.url, job
@@ -93,7 +101,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, Job | None]:
     return job.url, job
 
 
-def _write_shards(job: Job, work: "_Work", shards: list[range], mine: list[int]) -> bool:
+def _write_shards(job: Job, work: "Work", shards: list[range], mine: list[int]) -> bool:
     """The loop: write this process's shards that are not complete yet, each under its claim, waiting
     for shards another process holds. False when another process committed the dataset meanwhile."""
     num, n = len(shards), job.n
@@ -113,6 +121,11 @@ def _write_shards(job: Job, work: "_Work", shards: list[range], mine: list[int])
                 f"{job.cfg.out} with the same teacher and generation settings; generating the other {len(want) - found}"
             )
             work.reuse = reuse
+    if job.cfg.ray is not None and pending:  # the shards run on a Ray cluster; the commit stays here
+        from kdgen.ray_runner import write_shards
+
+        work.gen_wall, work.gen_tokens = write_shards(job, shards, pending)
+        pending = []
     try:
         with RowProgress(total_rows, "scoring" if job.kind == "score" else "generating", done_rows) as bar:
             waiting_noted = False
@@ -170,7 +183,7 @@ def _requests_for(job: Job, prompt_indices: range) -> tuple[list[Request], list[
     return reqs, meta
 
 
-class _Work:
+class Work:
     """Produces a shard's rows: reused ones from `RowReuse`, the rest from the engine (started on
     first need, so a run whose rows all exist never loads the teacher's weights)."""
 
@@ -187,15 +200,9 @@ class _Work:
             longest = max(len(p) for p in job.prompt_ids) + (
                 cfg.max_new_tokens if job.kind == "generate" else max(len(c) for c in job.completion_ids)
             )
-            backend_name = job.manifest_core["generation"]["backend"]
-            options = {"batch_size": min(cfg.batch_size, 16)} if backend_name == "hf" else {
-                "gpu_memory_utilization": cfg.gpu_memory_utilization,
-                "seed": cfg.seed,
-            }
+            backend_name, options, max_len = engine_settings(job, longest)
             with status(f"starting the {backend_name} engine on {job.teacher.model.path}"):
-                self.backend = make_backend(
-                    backend_name, job.teacher.model.path, job.teacher.dtype, cfg.k, min(job.teacher.context, longest + 8), options
-                )
+                self.backend = make_backend(backend_name, job.teacher.model.path, job.teacher.dtype, cfg.k, max_len, options)
         return self.backend
 
     def rows_for(self, prompt_indices: range, bar: RowProgress) -> list[codec.Row]:

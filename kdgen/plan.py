@@ -24,6 +24,7 @@ from typing import Iterator
 from kdcore import codec
 import kdcore.dataset as kds
 import kdcore.io as kio
+from kdcore import engine_options
 from kdcore.backends import default_backend, engine_version
 from kdcore.errors import KdError
 from kdcore.models import ResolvedModel, resolve
@@ -54,6 +55,8 @@ def generation_info(cfg: GenerateConfig, backend: str, kind: str) -> dict:
         "seed": 0 if greedy else cfg.seed,
         "k": cfg.k,
         "logprob_mode": "raw_logprobs_temperature_1",
+        "quantization": engine_options.numerics(cfg.quantization, cfg.engine_arg),
+        **({"server_url": cfg.server_url} if cfg.backend == "server" else {}),
     }
 
 
@@ -109,17 +112,24 @@ def read_request(cfg: GenerateConfig, kind: str) -> tuple[list[Prompt], dict]:
     return prompts, prompt_info
 
 
-def _job(cfg: GenerateConfig, kind: str, request: tuple[list[Prompt], dict], model, teacher_info: dict, tokenizer_info: dict) -> Job:
-    """The job of this request and teacher identity: the fingerprint and where the dataset lives."""
-    prompts, prompt_info = request
+def manifest_core(cfg: GenerateConfig, kind: str, teacher_info: dict, tokenizer_info: dict, prompt_info: dict) -> dict:
+    """What the fingerprint is computed from (kdcore.dataset.FINGERPRINT_FIELDS picks from it)."""
     backend = default_backend() if cfg.backend == "auto" else cfg.backend
-    core = {
+    if backend == "server":  # a vLLM engine behind HTTP: the same rows as in-process, so the same key
+        backend = "vllm"
+    return {
         "format_version": codec.FORMAT_VERSION,
         "teacher": teacher_info,
         "tokenizer": tokenizer_info,
         "generation": generation_info(cfg, backend, kind),
         "prompts": prompt_info,
     }
+
+
+def _job(cfg: GenerateConfig, kind: str, request: tuple[list[Prompt], dict], model, teacher_info: dict, tokenizer_info: dict) -> Job:
+    """The job of this request and teacher identity: the fingerprint and where the dataset lives."""
+    prompts, prompt_info = request
+    core = manifest_core(cfg, kind, teacher_info, tokenizer_info, prompt_info)
     fp = kds.fingerprint(core)
     fs, root = kio.open_fs(cfg.out)
     return Job(cfg, kind, prompts, prompt_info, model, core, fp, fs, root, kio.join(root, fp))

@@ -47,6 +47,12 @@ class TrainConfig(Documented):
     beta: float = _f(0.5, "JSD interpolation weight, in (0, 1): m = b*teacher + (1-b)*student.")
     kd_weight: float = _f(1.0, "Weight of the soft (KD) loss (logit mode).")
     ce_weight: float = _f(0.0, "Weight of the hard loss: cross-entropy on the teacher's sampled tokens (logit mode; text mode always uses 1). With a different student tokenizer: on the student's re-tokenisation of the teacher's text.")
+    # online teacher (kdtrain.online): the teacher runs on each batch
+    online: bool = _f(False, "Run the --teacher model on each batch (frozen): dense KD over the full vocabulary with the --loss family, instead of the dataset's top-k. --data: teacher datasets (their prompts and completions) or prompt files (JSONL/Parquet/CSV with a prompt column, a 'completion' column or plain 'text'). Same tokenizer as the student.")
+    teacher_dtype: str = _f("auto", "Online only: dtype the teacher runs in: auto (its checkpoint's), float32, bfloat16 or float16.")
+    ir_layers: str | None = _f(None, "Online only: hidden-state alignment, student:teacher decoder-block pairs (0-based block outputs), e.g. 1:5,3:15. A learned linear projection maps student to teacher width when they differ (saved beside each checkpoint, not in the model).")
+    ir_loss: str = _f("cosine", "Online only: hidden-state loss per position: cosine (1 - cosine similarity) or mse (mean squared error per hidden unit), averaged over the --ir-layers pairs.")
+    ir_weight: float = _f(1.0, "Online only: weight of the hidden-state (IR) loss beside --ce-weight and --kd-weight.")
     # cross-tokenizer logit KD (a student whose tokenizer differs from the teacher's)
     span_ll_weight: float = _f(0.5, "Cross-tokenizer only: weight of the span-likelihood term, the divergence between the teacher's and the student's log-prob of each aligned span as {span, rest} (ALM, Minixhofer et al. 2025). --kd-weight weighs the sparse KD at span starts (mapped top-k + residual bucket), --ce-weight the student's cross-entropy.", aliases=("chunk_ll_weight",))
     vocab_match: str = _f("prefix", "Cross-tokenizer only: how teacher ids map to student ids by bytes. exact: identical bytes only; prefix: else the longest student token the teacher token starts with. Unmapped mass joins the residual bucket.")
@@ -150,7 +156,64 @@ def validate(cfg: TrainConfig) -> None:
                 raise ValueError
         except ValueError:
             p.append(f"--init-from-teacher {cfg.init_from_teacher!r}: expected comma-separated layer indices, e.g. 0,4,8")
+    p += validate_online(cfg)
     collect(p)
+
+
+IR_LOSSES = ("cosine", "mse")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def validate_online(cfg: TrainConfig) -> list[str]:
+    """The problems with the online-teacher options (`kdtrain.online`)."""
+    p: list[str] = []
+    if not cfg.online:
+        p += [f"{_flag(n)} applies only with --online (the teacher must run on each batch)" for n in ("ir_layers",) if getattr(cfg, n)]
+        return p
+    if not cfg.teacher:
+        p.append("--online needs --teacher: the model spec of the teacher to run on each batch")
+    if cfg.mode != "logit":
+        p.append(f"--mode {cfg.mode}: --online trains on the teacher's logits; use --mode logit")
+    if cfg.teacher_dtype not in TEACHER_DTYPES:
+        p.append(f"--teacher-dtype {cfg.teacher_dtype}: choose {', '.join(TEACHER_DTYPES)}")
+    if cfg.ir_loss not in IR_LOSSES:
+        p.append(f"--ir-loss {cfg.ir_loss}: choose {' or '.join(IR_LOSSES)}")
+    if cfg.ir_weight < 0:
+        p.append(f"--ir-weight {cfg.ir_weight}: must be >= 0")
+    if cfg.kd_weight == 0 and cfg.ce_weight == 0 and not (cfg.ir_layers and cfg.ir_weight > 0):
+        p.append("--kd-weight and --ce-weight are 0 and there is no --ir-layers alignment: nothing to train on")
+    if cfg.ir_layers:
+        try:
+            parse_ir_layers(cfg.ir_layers)
+        except ValueError as e:
+            p.append(str(e))
+    if cfg.deepspeed and cfg.ir_layers:
+        p.append("--ir-layers with --deepspeed: the IR projection is trained beside the model, which DeepSpeed's optimizer does not hold; use DDP")
+    return p
+
+
+def parse_ir_layers(spec: str) -> list[tuple[int, int]]:
+    """'1:5,3:15' -> [(1, 5), (3, 15)] (student block, teacher block); ValueError naming the flag."""
+    example = "e.g. 1:5,3:15 (student block : teacher block, 0-based)"
+    items = [x for x in str(spec).replace(" ", "").split(",") if x != ""]
+    if not items:
+        raise ValueError(f"--ir-layers {spec!r}: no layer pairs; {example}")
+    pairs = []
+    for item in items:
+        parts = item.split(":")
+        if len(parts) != 2 or "" in parts:
+            raise ValueError(f"--ir-layers {spec!r}: {item!r} is not a student:teacher pair (uneven map: every student layer needs one teacher layer); {example}")
+        try:
+            s, t = int(parts[0]), int(parts[1])
+        except ValueError:
+            raise ValueError(f"--ir-layers {spec!r}: {item!r} is not two layer numbers; {example}") from None
+        if s < 0 or t < 0:
+            raise ValueError(f"--ir-layers {spec!r}: layer numbers must be >= 0; {example}")
+        pairs.append((s, t))
+    students = [s for s, _ in pairs]
+    if len(set(students)) != len(students):
+        raise ValueError(f"--ir-layers {spec!r}: a student layer appears twice; map each student layer to one teacher layer")
+    return pairs
 
 
 @dataclass

@@ -212,6 +212,12 @@ def text_examples(data: TeacherData, tokenizer, same: bool, max_length: int, ove
             break
     if limit is not None:
         seqs, starts = seqs[:limit], starts[:limit]
+    return sequence_examples(seqs, starts, max_length, overflow)
+
+
+def sequence_examples(seqs: list[np.ndarray], starts: list[int], max_length: int, overflow: str) -> Prepared:
+    """Token sequences (loss from position starts[i] on) -> examples: truncate or refuse, drop
+    rows whose prompt alone fills max_length. Shared by text mode and online mode's prompt files."""
     out = Prepared(rows_in=len(seqs))
     lengths = np.asarray([len(s) for s in seqs], np.int64)
     too_long = lengths > max_length

@@ -59,19 +59,20 @@ def teacher_spec(cfg: TrainConfig, manifest: dict) -> str:
     )
 
 
-def _load_model(spec: str):
+def load_model(spec: str, dtype: torch.dtype | str = torch.float32):
+    """(model, tokenizer, identity) of a model spec; `dtype="auto"` keeps the checkpoint's dtype."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, trust_remote_code=False)
     except Exception as e:
         raise KdError(f"model {spec!r}: cannot load it from {resolved.path} ({type(e).__name__}: {e})") from None
     return model, load_tokenizer(resolved.path), resolved.identity()
 
 
 def from_spec(spec: str) -> Student:
-    model, tok, identity = _load_model(spec)
+    model, tok, identity = load_model(spec)
     return Student(model, tok, {"kind": "spec", **identity})
 
 
@@ -98,7 +99,7 @@ def from_teacher_layers(teacher: str, layers: list[int]) -> Student:
     """The teacher with only `layers` kept (in the given order), rebuilt as a clean model."""
     from transformers import AutoModelForCausalLM
 
-    model, tok, identity = _load_model(teacher)
+    model, tok, identity = load_model(teacher)
     backbone = model.base_model
     blocks = getattr(backbone, "layers", None)
     if not isinstance(blocks, torch.nn.ModuleList):

@@ -1,8 +1,9 @@
 """`kdtrain run`: teacher dataset(s) in, a trained student (standard HF checkpoint) out.
 
     run(cfg): validate -> open + verify datasets -> build student -> tokenizer checks
-              -> examples (truncate / refuse; a different student tokenizer: cross-tokenizer
-                 examples, `kdtrain.crosstok`) -> KDTrainer -> train (resume from the newest
+              (--online: load the frozen teacher, `kdtrain.online`) -> examples (truncate /
+              refuse; a different student tokenizer: cross-tokenizer examples, `kdtrain.crosstok`)
+              -> KDTrainer -> train (resume from the newest
               checkpoint in --out) -> save the final checkpoint (LoRA merged) + kd_config.json
 
 Every checkpoint (checkpoint-N/ and the final one at --out) carries `kd_config.json`: the resolved
@@ -30,6 +31,7 @@ from kdcore.crosstok import CrossTok, load_teacher_tokenizer
 from kdcore.teacher_data import TeacherData, open_teacher_data, same_tokenizer
 from kdtrain.crosstok import CrossKDCollator, crosstok_examples
 from kdtrain.data import KDCollator, logit_examples, text_examples, to_hf_dataset
+from kdtrain.online import OnlineTeacher, online_examples, prompt_files
 from kdtrain.student import Student, build_student, teacher_spec
 from kdtrain.trainer import KD_CONFIG, KDLoss, KDTrainer, write_kd_config
 
@@ -193,13 +195,18 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         hf_logging.disable_progress_bar()
     main = PartialState().is_main_process
     say = console.print if main and not quiet() else (lambda *a, **k: None)
-    data = open_teacher_data(cfg.data)
-    say(f"data: {len(data.datasets)} dataset(s), {data.num_rows:,} rows, {data.num_tokens:,} tokens, k={data.k} ({', '.join(d.fingerprint for d in data.datasets)})")
-    student = build_student(cfg, data.manifest)
-    same = check_tokenizers(cfg, data, student)
+    data = None if cfg.online and prompt_files(cfg.data) else open_teacher_data(cfg.data)
+    if data is not None:
+        say(f"data: {len(data.datasets)} dataset(s), {data.num_rows:,} rows, {data.num_tokens:,} tokens, k={data.k} ({', '.join(d.fingerprint for d in data.datasets)})")
+    student = build_student(cfg, data.manifest if data is not None else {})
+    online = OnlineTeacher.load(cfg, student) if cfg.online else None
+    same = True if online is not None else check_tokenizers(cfg, data, student)
     max_length = fit_length(cfg, student)
     cross = None
-    if cfg.mode == "logit" and same:
+    if online is not None:
+        prepared = online_examples(cfg, data, student.tokenizer, max_length)
+        say(f"online teacher: {cfg.teacher} ({online.dtype}), dense KD over {student.embedding_rows:,} ids" + (f", IR {cfg.ir_layers} ({cfg.ir_loss})" if online.ir else ""))
+    elif cfg.mode == "logit" and same:
         prepared = logit_examples(data, max_length, cfg.overflow, student.embedding_rows, cfg.limit)
     elif cfg.mode == "logit":
         cross = build_crosstok(cfg, data, student)
@@ -222,17 +229,20 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         "kdtrain_version": __version__,
         "created": now_iso(),
         "config": cfg.to_dict(),
-        "fingerprints": [d.fingerprint for d in data.datasets],
-        "datasets": data.describe(),
+        "fingerprints": [d.fingerprint for d in data.datasets] if data is not None else [],
+        "datasets": data.describe() if data is not None else [{"prompts": p} for p in cfg.data],
         "student": student.origin,
         "tokenizer": "same" if same else "different",
         "max_length": max_length,
         "examples": {"rows": prepared.num_rows, "tokens": prepared.num_tokens, "truncated": prepared.truncated, "dropped": prepared.dropped},
     }
+    if online is not None:
+        record["online"] = online.describe()
     if cross is not None:
         record["crosstok"] = {"vocab_map": cross.vmap.summary(cross.teacher), "vocab_match": cfg.vocab_match, **prepared.stats}
     if cfg.mode == "logit":
-        kd_loss = KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.tile_size, cfg.span_ll_weight if cross else 0.0, cfg.train_top_k)
+        ir_weight = cfg.ir_weight if online is not None and online.ir is not None else 0.0
+        kd_loss = KDLoss(cfg.sparse_kd(), cfg.ce_weight, cfg.kd_weight, cfg.tile_size, cfg.span_ll_weight if cross else 0.0, cfg.train_top_k, ir_weight)
     else:
         kd_loss = KDLoss(cfg.sparse_kd(), 1.0, 0.0, cfg.tile_size)
     collator_cls = CrossKDCollator if cross is not None else KDCollator
@@ -240,12 +250,13 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         model=student.model,
         args=args,
         train_dataset=to_hf_dataset(prepared),
-        data_collator=collator_cls(prepared, tok.pad_token_id, with_topk=cfg.mode == "logit"),
+        data_collator=collator_cls(prepared, tok.pad_token_id, with_topk=cfg.mode == "logit" and online is None),
         processing_class=tok,
         peft_config=lora_config(cfg),
         callbacks=callbacks,
         kd_loss=kd_loss,
         kd_record=record,
+        online=online,
     )
     check_parallel(trainer, cfg)
     return trainer
@@ -275,4 +286,6 @@ def save_final(trainer: KDTrainer, out: str) -> None:
         trainer.processing_class.save_pretrained(out)
         history = [h for h in trainer.state.log_history if "loss" in h]
         write_kd_config(out, {**trainer.kd_record, "global_step": trainer.state.global_step, "log_history": history})
+        if trainer.online is not None:
+            trainer.online.save_ir(out)  # beside the model, not in it
         console.print(f"[green]saved[/] {Path(out)} (step {trainer.state.global_step})")

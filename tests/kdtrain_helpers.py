@@ -123,3 +123,20 @@ def grads_after_one_step(world, out: Path, **kw) -> dict[str, torch.Tensor]:
     trainer = build_trainer(train_cfg(world, out, max_steps=1, max_grad_norm=0.0, ce_weight=0.5, loss="jsd", **kw), callbacks=[Grab()])
     trainer.train()
     return grads
+
+
+def other_tokenizer_model(out: Path) -> str:
+    """A tiny Llama with its own byte-level BPE tokenizer trained here (a different tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = [json.loads(line)["messages"][-1]["content"] for line in (REPO / "data" / "train.jsonl").read_text().splitlines()]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=512, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

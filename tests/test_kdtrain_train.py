@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO
 from kdcore.errors import KdError
-from kdtrain_helpers import generate_dataset, grads_after_one_step, peaky_model, train_cfg
+from kdtrain_helpers import generate_dataset, grads_after_one_step, other_tokenizer_model, peaky_model, train_cfg
 
 def _first_batch(trainer) -> dict:
     return trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
@@ -138,27 +138,10 @@ def test_fresh_student_from_config_and_lora(world, tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
-def _other_tokenizer_model(out: Path) -> str:
-    """A tiny Llama with its own byte-level BPE tokenizer trained here (a different tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    text = [json.loads(line)["messages"][-1]["content"] for line in (REPO / "data" / "train.jsonl").read_text().splitlines()]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=512, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
 def test_other_tokenizer_logit_and_text_work(world, tmp_path):
     from kdtrain.train import run
 
-    other = _other_tokenizer_model(tmp_path / "other")
+    other = other_tokenizer_model(tmp_path / "other")
     run(train_cfg(world, tmp_path / "x", student=other, max_steps=1, save_steps=100))  # cross-tokenizer logit KD (issue 4)
     assert json.loads((tmp_path / "x" / "kd_config.json").read_text())["crosstok"]["kd_positions"] > 0
     out = tmp_path / "text"
@@ -177,7 +160,7 @@ def test_other_tokenizer_text_examples_are_the_students_own_encoding(world, tmp_
     from kdcore.teacher_data import TeacherData
     from kdtrain.data import text_examples
 
-    other = AutoTokenizer.from_pretrained(_other_tokenizer_model(tmp_path / "other"))
+    other = AutoTokenizer.from_pretrained(other_tokenizer_model(tmp_path / "other"))
     ds = TeacherDataset(world["data"])
     rows = ds.read_table(columns=["messages", "completion", "finish_reason"]).to_pylist()
     prep = text_examples(TeacherData([ds]), other, same=False, max_length=4096, overflow="truncate", limit=5)

@@ -1,6 +1,7 @@
-"""Generation backends: `vllm` (default where importable) and `hf` (transformers; CPU fallback and
-reference). Both produce the same `Output` for a `Request`; on greedy decoding in float32 with the
-same weights their tokens and top-k agree (tests/test_kdgen_vllm.py checks it).
+"""Generation backends: `vllm` (default where importable), `hf` (transformers; CPU fallback and
+reference) and `server` (a vLLM OpenAI-compatible server, kdcore/backends/server_backend.py). All
+produce the same `Output` for a `Request`; on greedy decoding in float32 with the same weights their
+tokens and top-k agree (tests/test_kdgen_vllm.py and tests/test_kdgen_server.py check it).
 
 Log-probs are always the teacher's raw distribution at temperature 1, before any sampling
 processor (temperature, top-p, top-k), so the trainer can apply its own temperature later.
@@ -81,4 +82,8 @@ def make_backend(name: str, model_path: str, dtype: str, k: int, max_model_len: 
         from kdcore.backends.vllm_backend import VLLMBackend
 
         return VLLMBackend(model_path, dtype=dtype, k=k, max_model_len=max_model_len, **options)
+    if name == "server":
+        from kdcore.backends.server_backend import ServerBackend
+
+        return ServerBackend(k=k, max_model_len=max_model_len, **options)
     raise ValueError(name)

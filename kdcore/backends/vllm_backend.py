@@ -8,7 +8,10 @@ Settings that matter (docs/VLLM.md says why):
   dicts — we decode the completion once ourselves and reshape the flat arrays with numpy;
   each position holds k + 1 entries: the sampled token first, then the top-k by rank;
 * prompts go in as token ids (we applied the chat template; no double BOS);
-* one seed per request, derived from the row id.
+* one seed per request, derived from the row id;
+* engine layout and numerics from `kdgen generate` (issue 13): tensor / pipeline parallel size,
+  `quantization`, and any other `EngineArgs` field as `--engine-arg KEY=VALUE` (checked against
+  EngineArgs before the engine starts). Data parallel is several engine processes (kdgen/scale.py).
 On CPU: `gpu_memory_utilization` is a fraction of RAM (0.3 works), `enforce_eager=True` cuts
 start-up from minutes to under one, and `VLLM_ENABLE_V1_MULTIPROCESSING=0` runs the engine
 in-process (reproducible; no `__main__` guard needed).
@@ -32,6 +35,21 @@ def on_cpu() -> bool:
         return True
 
 
+def _checked_engine_args(engine_args: dict) -> dict:
+    """`--engine-arg` keys must be fields of vLLM's EngineArgs (a typo fails here, in one line)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kdcore.errors import KdError
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(engine_args) - known)
+    if unknown:
+        raise KdError(f"--engine-arg {unknown[0]}: not an argument of vLLM's engine (see `vllm serve --help`, dashes as underscores)")
+    return engine_args
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -45,6 +63,10 @@ class VLLMBackend:
         enforce_eager: bool | None = None,
         batch_size: int | None = None,
         seed: int = 0,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        quantization: str | None = None,
+        engine_args: dict | None = None,
     ):
         cpu = on_cpu()
         if cpu:
@@ -63,6 +85,11 @@ class VLLMBackend:
             # seed is prefilled in chunks: it rewinds the CPU generator's offset, which CPU generators
             # lack. Whole-prompt prefill avoids that path (tests/test_kdgen_vllm_seeds.py).
             extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+        extra.update(_checked_engine_args(engine_args or {}))
+        if tensor_parallel_size * pipeline_parallel_size > 1:
+            extra.update(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+        if quantization is not None:
+            extra["quantization"] = quantization
         self.llm = LLM(
             **extra,
             model=model_path,
