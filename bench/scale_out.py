@@ -17,7 +17,9 @@ and one against two Ray replicas.
    replica brings its own GPU.
 
 Every kdgen run is a fresh `python -m kdgen` process of this checkout. The 1-minute load average is
-recorded with each figure: the machine may be shared. Writes bench/results/scale_out.json.
+recorded with each figure: the machine may be shared. Writes bench/results/scale_out.json (`--only
+PART` re-runs one part and keeps the others' figures; run `replicas` in a process of its own: a
+Ray cluster started after this process's own `ray.init` refused its drivers' auth token).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, machine, scratch, tiny_model, write_result  # noqa: E402
+from bench.common import ROOT, machine, results_path, scratch, tiny_model, write_result  # noqa: E402
 
 TEACHER = "smollm2-135m-instruct"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -138,7 +140,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--only", choices=("server", "overhead", "replicas"), action="append")
     a = ap.parse_args()
-    parts = a.only or ["server", "overhead", "replicas"]
+    if not a.only:  # each part in a process of its own (see the module docstring)
+        for part in ("server", "overhead", "replicas"):
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", part], check=True)
+        return
+    parts = a.only
+    if "replicas" in parts and "overhead" in parts:
+        sys.exit("run --only replicas in a process of its own (see the module docstring)")
     work = scratch("kd-scale-out-")
     from transformers import AutoTokenizer
 
@@ -185,7 +193,10 @@ def main() -> None:
             "note": "two engines share the cores one engine uses on a CPU-only box: the speed-up is capped near 1 there",
         }
     result["load1_end"] = load1()
-    write_result("scale_out" + ("" if a.model == "tiny" else "-teacher"), result)
+    name = "scale_out" + ("" if a.model == "tiny" else "-teacher")
+    if a.only and results_path(name).exists():  # one part re-run: keep the others' figures
+        result = {**json.loads(results_path(name).read_text()), **result}
+    write_result(name, result)
     print(json.dumps(result, indent=2))
 
 

@@ -10,7 +10,8 @@ Ray core actors, not Ray Data: kd's unit of work and of resume is the shard, wri
 under a claim into a content-addressed directory. Ray Data would write files of its own naming per
 block, checkpoint per block, and its pipeline needs CPUs >= actor stages + 2 or it deadlocks
 (research notes); an actor pool with a work queue is what is left once those are taken out. The
-overhead measured here (bench/scale_out.py): a few ms per shard over Ray core.
+overhead measured here (bench/scale_out.py): 1 ms per shard on a warm actor pool, against
+0.28 s per block for a Ray Data actor stage (its start-up included).
 
 Failure: an actor whose process dies (SIGKILL, OOM, a lost node) mid-shard leaves the shard
 unwritten (only a temp file and a claim). The driver breaks that claim, starts a fresh actor in its
