@@ -35,7 +35,7 @@ class TrainConfig(Documented):
     student: str = _f("", "Student: built-in name, .gguf file or HF checkpoint directory. Leave empty with --student-config or --init-from-teacher.")
     student_config: str | None = _f(None, "Train a fresh student from this config (config.json or a directory holding one), randomly initialised.")
     init_from_teacher: str | None = _f(None, "Start the student from these teacher layers, e.g. '0,4,8' (embeddings, final norm, head and the chosen blocks).")
-    teacher: str | None = _f(None, "Teacher model spec, for --init-from-teacher, as the tokenizer of --student-config, and for its tokenizer in cross-tokenizer KD (only the tokenizer is loaded). Default: the path recorded in the dataset manifest.")
+    teacher: str | None = _f(None, "Teacher model spec, for --init-from-teacher, as the tokenizer of --student-config, and for its tokenizer in cross-tokenizer KD (only the tokenizer is loaded); with --online, the model run on each batch. Default: the path recorded in the dataset manifest.")
     out: str = _f("runs/student", "Output directory: checkpoints (checkpoint-N/) during training, the final HF checkpoint at the top.")
     # the loss
     mode: str = _f("logit", "logit: sparse top-k KD (+ optional hard loss); text: SFT on the teacher's completions (any tokenizer pair).")

@@ -351,8 +351,8 @@ def test_cli_prompt_file_end_to_end_with_resume(world, tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_online_with_ir(world, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (DDP over gloo) online with IR: two processes
-    x batch 2 take the step one process takes with batch 4 — same first loss, same IR projection
-    and student weights after the step (the projection's gradients are averaged over processes)."""
+    x batch 2 take the step one process takes with batch 4 — same first loss and components, same IR
+    projection after the step (its gradients are averaged over processes)."""
     from safetensors.torch import load_file
 
     from kdtrain.train import run
@@ -368,7 +368,9 @@ def test_two_process_ddp_online_with_ir(world, tmp_path):
     ddp, one = (json.loads((tmp_path / n / "kd_config.json").read_text()) for n in ("ddp", "one"))
     for key in ("loss", "kd", "ce", "ir"):
         assert ddp["log_history"][0][key] == pytest.approx(one["log_history"][0][key], rel=1e-4), key
-    for name in ("ir_projection.safetensors", "model.safetensors"):
-        a, b = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "one" / name)
-        for key in b:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+    # the projection's step (its gradients all-reduced by kdtrain, not DDP). The student's weights are
+    # not compared: Adam's first step is ~lr * sign(grad), so embedding rows whose gradients are
+    # rounding noise move by +-lr depending on the reduction order (DDP itself: test_kdtrain_parallel.py)
+    a, b = load_file(tmp_path / "ddp" / "ir_projection.safetensors"), load_file(tmp_path / "one" / "ir_projection.safetensors")
+    assert a.keys() == b.keys() == {"proj.0.weight"}
+    torch.testing.assert_close(a["proj.0.weight"], b["proj.0.weight"], rtol=1e-4, atol=1e-6)
