@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from kdcore.crosstok import CrossTok, iter_aligned, mapped_targets, span_teacher_logprobs
-from kdcore.errors import KdError
 from kdcore.teacher_data import TeacherData
 from kdtrain.data import KDCollator, Prepared, finish_notes, lengths_to_offsets, overflow_error
 

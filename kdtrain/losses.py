@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kdcore.divergences import LOGITS_BUDGET, SparseKD, sparse_kd_per_token, span_likelihood

@@ -8,14 +8,14 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kdcore.dataset as kds
-from kdgen.generate import GenerateConfig
+from kdgen.config import GenerateConfig
 from kdcore.verify import check_table, verify
 
 KDGEN = str(Path(sys.executable).parent / "kdgen")  # the console script of this virtualenv
@@ -129,3 +129,34 @@ def assert_topk_close(ids_a, lp_a, ids_b, lp_b, atol: float) -> None:
             for token, lp in one.items():
                 if lp > floor:
                     assert token in other and abs(other[token] - lp) <= atol, (t, token, lp, other)
+
+
+# Runs several `kdgen` jobs in one interpreter with one vLLM engine per model; prints their URLs.
+SHARED_ENGINE_RUNS = r"""
+import json, sys
+import kdgen.generate as gen
+
+engines, real = {}, gen.make_backend
+
+def shared(name, path, dtype, k, max_model_len, options):
+    key = (name, path, dtype, k)
+    if key not in engines:
+        engines[key] = real(name, path, dtype, k, 1024, options)
+        engines[key].close = lambda: None
+    return engines[key]
+
+gen.make_backend = shared
+urls = [gen.run(gen.GenerateConfig(**cfg), kind) for kind, cfg in json.loads(sys.argv[1])]
+print(json.dumps(urls))
+"""
+
+
+def run_with_vllm(jobs: list[tuple[str, GenerateConfig]]) -> list[str]:
+    arg = json.dumps([(kind, asdict(cfg)) for kind, cfg in jobs])
+    proc = subprocess.run([sys.executable, "-c", SHARED_ENGINE_RUNS, arg], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def decoded_rows(url: str) -> dict[str, dict]:
+    return {b.ids[i]: b.row(i) for b in kds.TeacherDataset(url).iter_batches() for i in range(b.num_rows)}

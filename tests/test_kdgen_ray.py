@@ -27,7 +27,7 @@ import kdcore.dataset as kds
 import kdcore.io as kio
 from kdgen.config import GenerateConfig
 from kdgen_helpers import ONE_THREAD_ENV, assert_valid, rows_of, write_jsonl
-from test_kdgen_vllm import run_with_vllm
+from kdgen_helpers import run_with_vllm
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")

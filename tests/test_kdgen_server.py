@@ -31,7 +31,7 @@ import kdcore.dataset as kds
 import kdcore.io as kio
 from kdgen.config import GenerateConfig
 from kdgen_helpers import CHAT_ROWS, ONE_THREAD_ENV, assert_topk_close, assert_valid, write_jsonl
-from test_kdgen_vllm import decoded_rows, run_with_vllm
+from kdgen_helpers import decoded_rows, run_with_vllm
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,7 @@ engine (the start-up costs ~20 s).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,8 +25,10 @@ import pytest
 
 import kdgen.generate as gen
 import kdcore.dataset as kds
-from kdgen.generate import GenerateConfig
+from kdgen.config import GenerateConfig
 from kdgen_helpers import (
+    decoded_rows,
+    run_with_vllm,
     CHAT_ROWS,
     assert_topk_close,
     assert_valid,
@@ -43,37 +42,6 @@ from kdgen_helpers import (
 pytestmark = pytest.mark.slow
 
 ATOL = 0.05  # nats: issue 2's bound between the backends (float32 measured ~1e-4 + quantisation)
-
-# Runs several `kdgen` jobs in one interpreter with one vLLM engine per model; prints their URLs.
-SHARED_ENGINE_RUNS = r"""
-import json, sys
-import kdgen.generate as gen
-
-engines, real = {}, gen.make_backend
-
-def shared(name, path, dtype, k, max_model_len, options):
-    key = (name, path, dtype, k)
-    if key not in engines:
-        engines[key] = real(name, path, dtype, k, 1024, options)
-        engines[key].close = lambda: None
-    return engines[key]
-
-gen.make_backend = shared
-urls = [gen.run(gen.GenerateConfig(**cfg), kind) for kind, cfg in json.loads(sys.argv[1])]
-print(json.dumps(urls))
-"""
-
-
-def run_with_vllm(jobs: list[tuple[str, GenerateConfig]]) -> list[str]:
-    arg = json.dumps([(kind, asdict(cfg)) for kind, cfg in jobs])
-    proc = subprocess.run([sys.executable, "-c", SHARED_ENGINE_RUNS, arg], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def decoded_rows(url: str) -> dict[str, dict]:
-    return {b.ids[i]: b.row(i) for b in kds.TeacherDataset(url).iter_batches() for i in range(b.num_rows)}
-
 
 @pytest.fixture(scope="module")
 def teacher_runs(tmp_path_factory):
