@@ -62,7 +62,7 @@ def generate(
 
 @app.command()
 def score(
-    prompts: str = typer.Option(..., help="File with prompts and completions to score (teacher-forced)."),
+    prompts: str = typer.Option(..., help="File with prompts and completions to score (teacher-forced), or a teacher dataset directory (its completion_ids are scored as they are: a student's samples)."),
     out: str = typer.Option(GenerateConfig.out, help=H("out")),
     teacher: str = typer.Option(GenerateConfig.teacher, help=H("teacher")),
     prompt_column: Optional[str] = typer.Option(None, help=H("prompt_column")),

@@ -5,11 +5,14 @@
     accelerate launch --num_processes 2 -m kdtrain run ...
     kdtrain map-report --data ds/<fp> --student gemma3-270m   # cross-tokenizer mapping, before training
     kdtrain recipes                                   # list the shipped YAML recipes
+    kdtrain onpolicy --teacher T --student S --prompts P --rounds 2 --out runs/op   # on-policy rounds
+    kdtrain chain --recipe kdtrain/recipes/takd.yaml --out runs/takd           # teacher -> assistant -> student
 
 The flags of `run` are generated from `kdtrain.config.TrainConfig` (one flag per field, its help
 from the field's docstring), so the config is the one registry of options. Trailing `key=value`
 arguments override anything (YAML scalars: `lr=1e-4 lora=true`). User errors print one line and
-exit 2. Test: `pytest tests/test_kdtrain_cli.py`.
+exit 2. `onpolicy` gets its flags from `kdtrain.onpolicy.OnPolicyConfig` the same way.
+Test: `pytest tests/test_kdtrain_cli.py`, `tests/test_kdtrain_onpolicy.py`, `tests/test_kdtrain_chain.py`.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ app = typer.Typer(
 )
 
 
-def _option(name: str, help: str):
-    """The typer parameter for one TrainConfig field: default None means 'not given'."""
-    t = FIELD_TYPES[name]
+def _option(name: str, help: str, cls=TrainConfig):
+    """The typer parameter for one field of a config dataclass: default None means 'not given'."""
+    t = FIELD_TYPES[name] if cls is TrainConfig else typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(t) if a is not type(None)]
     flag = "--" + name.replace("_", "-")
     if typing.get_origin(t) is list:
@@ -44,7 +47,7 @@ def _option(name: str, help: str):
         base = args[0] if args else t
         annotation = Optional[base]
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if base is bool else [flag]
-    f = next(f for f in fields(TrainConfig) if f.name == name)
+    f = next(f for f in fields(cls) if f.name == name)
     default = f.default_factory() if f.default_factory is not MISSING else f.default
     shown = f" [default: {default}]" if default not in (None, "", []) else ""
     return inspect.Parameter(
@@ -80,6 +83,35 @@ _run.__signature__ = inspect.Signature(
     ]
 )
 app.command("run")(_run)
+
+
+def _onpolicy(**kw) -> None:
+    from kdtrain.onpolicy import OnPolicyConfig, run
+
+    print(run(OnPolicyConfig(**{k: v for k, v in kw.items() if v is not None})))
+
+
+def _onpolicy_signature():
+    from kdtrain.onpolicy import OnPolicyConfig
+
+    return inspect.Signature([_option(f.name, f.metadata["help"], OnPolicyConfig) for f in fields(OnPolicyConfig)])
+
+
+_onpolicy.__doc__ = "On-policy distillation in rounds: the student samples, the teacher scores its samples (kdgen), the student trains; resumable."
+_onpolicy.__signature__ = _onpolicy_signature()
+app.command("onpolicy")(_onpolicy)
+
+
+@app.command()
+def chain(
+    recipe: str = typer.Option(..., "--recipe", help="Chain recipe (YAML): teacher, prompts, generation options and the links, e.g. kdtrain/recipes/takd.yaml."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (default: the recipe's out)."),
+    stop_after: Optional[str] = typer.Option(None, "--stop-after", help="Stop once this stage is complete, e.g. link-0/train."),
+) -> None:
+    """Teacher-assistant chain (TAKD): teacher dataset -> train link 0 -> it generates on the same prompts -> train link 1 ...; resumable."""
+    from kdtrain.chain import load_chain, run
+
+    print(run(load_chain(recipe, out), stop_after))
 
 
 @app.command("map-report")

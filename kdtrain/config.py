@@ -22,12 +22,13 @@ import yaml
 
 from kdcore.config import doc_field as _f
 from kdcore.errors import ConfigError, KdError, collect
-from kdcore.divergences import DIVERGENCES, TAILS, SparseKD
+from kdcore.divergences import DIVERGENCES, SAMPLED_RKL, TAILS, SparseKD
 from kdcore.vocab_map import VOCAB_MATCH
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 MODES = ("logit", "text")
 OVERFLOW = ("truncate", "refuse")
+LOSSES = DIVERGENCES + (SAMPLED_RKL,)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TrainConfig:
     out: str = _f("runs/student", "Output directory: checkpoints (checkpoint-N/) during training, the final HF checkpoint at the top.")
     # the loss
     mode: str = _f("logit", "logit: sparse top-k KD (+ optional hard loss); text: SFT on the teacher's completions (any tokenizer pair).")
-    loss: str = _f("fkl", "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl.")
+    loss: str = _f("fkl", "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl; or sampled_rkl: on rows the student sampled itself (`kdtrain onpolicy`), the per-token estimate log p_student(x) - log p_teacher(x) of the reverse KL on the sampled token x (needs the teacher's tokenizer; ignores --temperature and the top-k).")
     tail: str = _f("bucket", "bucket: top-k plus one tail bucket holding the remaining mass (unbiased); renorm: renormalise the top-k (biased, for comparison).")
     top_k: int = _f(0, "Use only the N most likely of the stored top-k ids per position (0 = all k); the rest of their mass joins the tail bucket. Studies smaller k on one dataset.")
     temperature: float = _f(1.0, "Softening temperature, applied to both sides' bucket log-probs; the loss is scaled by T^2.")
@@ -113,8 +114,10 @@ def validate(cfg: TrainConfig) -> None:
         p.append("give exactly one of --student (a model spec), --student-config (a fresh config) or --init-from-teacher (layer list)")
     if cfg.mode not in MODES:
         p.append(f"--mode {cfg.mode}: choose {' or '.join(MODES)}")
-    if cfg.loss not in DIVERGENCES:
-        p.append(f"--loss {cfg.loss}: unknown loss; choose one of {', '.join(DIVERGENCES)}")
+    if cfg.loss not in LOSSES:
+        p.append(f"--loss {cfg.loss}: unknown loss; choose one of {', '.join(LOSSES)}")
+    if cfg.loss == SAMPLED_RKL and (cfg.mode != "logit" or cfg.temperature != 1.0):
+        p.append(f"--loss {SAMPLED_RKL}: needs --mode logit and --temperature 1 (the estimator is of the temperature-1 reverse KL)")
     if cfg.tail not in TAILS:
         p.append(f"--tail {cfg.tail}: choose {' or '.join(TAILS)}")
     if not (cfg.temperature > 0 and cfg.temperature <= 100):
@@ -269,6 +272,8 @@ def load_config(recipe: str | None = None, flags: dict | None = None, overrides:
         if not isinstance(doc, dict):
             raise KdError(f"--config {path}: expected a mapping of option: value")
         doc.pop("description", None)  # recipes may say what they are
+        if "links" in doc:
+            raise KdError(f"--config {path}: a chain recipe (it has links); run it with `kdtrain chain --recipe {path}`")
         _apply(doc, merged, str(path), problems)
     _apply({k: v for k, v in (flags or {}).items() if v is not None}, merged, "flag", problems)
     _apply(parse_overrides(overrides or []), merged, "override", problems)

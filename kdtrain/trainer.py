@@ -87,13 +87,16 @@ def attach_kd_head(model, loss: KDLoss) -> None:
         else:
             ids = torch.zeros((h.shape[0], 0), dtype=torch.long, device=h.device)
             lps = torch.zeros((h.shape[0], 0), dtype=torch.float32, device=h.device)
+        label_lps = None
+        if "token_logprobs" in kd_targets and loss.kd_weight:  # student rows: --loss sampled_rkl
+            label_lps = kd_targets["token_logprobs"][:, 1:][mask].float().to(h.device)
         span_ids = span_lps = None
         if "chunk_ids" in kd_targets and loss.span_weight:
             span_ids = kd_targets["chunk_ids"][:, 1:][mask].to(h.device)
             span_lps = kd_targets["chunk_logprobs"].reshape(-1).float().to(h.device)
         total, kd_sum, ce_sum, span_sum = fused_kd_losses(
             h, weight, labels[mask].to(h.device), ids, lps, loss.spec, loss.ce_weight, loss.kd_weight, loss.chunk_size, softcap,
-            span_ids, span_lps, loss.span_weight,
+            span_ids, span_lps, loss.span_weight, label_lps,
         )
         return KDOutput(total, kd_sum, ce_sum, mask.sum(), span_sum)
 
@@ -113,7 +116,7 @@ class KDTrainer(SFTTrainer):
         self._kd_clock: float | None = None  # started by the first training micro-batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "chunk_ids", "chunk_logprobs") if k in inputs}
+        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "token_logprobs", "chunk_ids", "chunk_logprobs") if k in inputs}
         out: KDOutput = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_targets=targets)
         denom = out.n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = out.total / denom
