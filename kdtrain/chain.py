@@ -146,7 +146,7 @@ def run(cfg: ChainConfig, stop_after: str | None = None) -> str:
         if rec is None:
             tc = load_config(None, {**link.train, "data": [data], "teacher": teacher, "out": str(Path(cfg.out) / f"{stage}-{link.name}")})
             console.print(f"{stage}/train: kdtrain run --data {data} ({link.name}, teacher {teacher})")
-            rec = stages.record(f"{stage}/train", checkpoint=train(tc), name=link.name)
+            rec = stages.record(f"{stage}/train", checkpoint=train(tc), link=link.name)
         teacher = rec["checkpoint"]
         if stages.should_stop(f"{stage}/train"):
             return teacher

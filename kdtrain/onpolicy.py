@@ -50,6 +50,7 @@ class OnPolicyConfig:
     student: str = _f("", "Student to start from (round 0 samples with it): built-in name, .gguf or HF checkpoint directory sharing the teacher's tokenizer.")
     prompts: str = _f("", "Prompts the student answers every round: a prompt file, or a teacher dataset (its prompts).")
     out: str = _f("runs/onpolicy", "Run directory: datasets/ (every round's teacher datasets), round-N/student (checkpoints), onpolicy_state.json.")
+    datasets: str | None = _f(None, "Root (path or URL, e.g. s3://team-kd/) for every round's teacher datasets; default OUT/datasets. Content-addressed: runs sharing it reuse identical rounds.")
     rounds: int = _f(2, "Rounds of sample -> score -> train.")
     n: int = _f(1, "Samples per prompt per round.")
     temperature: float = _f(1.0, "Student sampling temperature (1 = the student's own distribution, what the on-policy losses assume).")
@@ -79,7 +80,7 @@ class OnPolicyConfig:
 
     def options(self) -> dict:
         """What the state file pins: everything but where it goes and when to stop."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "stop_after")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "datasets", "stop_after")}
 
 
 def stage_names(cfg: OnPolicyConfig) -> list[str]:
@@ -139,8 +140,7 @@ def run(cfg: OnPolicyConfig) -> str:
 
     out = Path(cfg.out)
     stages = Stages(cfg.out, STATE, cfg.options(), cfg.stop_after)
-    datasets = str(out / "datasets")
-    gen = {"backend": cfg.backend, "dtype": cfg.dtype, "out": datasets}
+    gen = {"backend": cfg.backend, "dtype": cfg.dtype, "out": cfg.datasets or str(out / "datasets")}
     student = cfg.student
     off_start = 0
     for r in range(cfg.rounds):

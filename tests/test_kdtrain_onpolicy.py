@@ -230,12 +230,15 @@ def test_offpolicy_mix_trains_its_share_first(world, tmp_path):
 
     teacher_data = kdgen_run(GenerateConfig(prompts=str(world["prompts"]), out=str(tmp_path / "ds"), teacher=world["teacher"], backend="hf", k=8, max_new_tokens=MAX_NEW), "generate")
     cfg = OnPolicyConfig(
-        teacher=world["teacher"], student=world["student"], prompts=str(world["prompts"]), out=str(world["out"] / "mix"), rounds=1, n=2,
+        teacher=world["teacher"], student=world["student"], prompts=str(world["prompts"]), out=str(tmp_path / "mix"), rounds=1, n=2,
+        datasets=str(world["out"] / "datasets"),  # round 0's sample and score are cache hits there
         max_new_tokens=MAX_NEW, k=8, backend="hf", batch_size=4, lr=3e-3, loss="srkl", offpolicy_data=teacher_data, offpolicy_mix=1 / 3,
         offpolicy_loss="skl", stop_after="round-0/offpolicy",
     )
     ckpt = run(cfg)
-    rec = json.loads((world["out"] / "mix" / "onpolicy_state.json").read_text())["stages"]["round-0/offpolicy"]
+    stages = json.loads((tmp_path / "mix" / "onpolicy_state.json").read_text())["stages"]
+    assert stages["round-0/score"]["dataset"] == world["state"]["stages"]["round-0/score"]["dataset"]
+    rec = stages["round-0/offpolicy"]
     assert rec["rows"] == 6 and rec["start"] == 0  # 12 student rows * (1/3) / (2/3)
     kd = json.loads((Path(ckpt) / "kd_config.json").read_text())
     assert kd["config"]["loss"] == "skl" and kd["rows"] == {"start": 0, "count": 6, "of": 6}
