@@ -242,3 +242,42 @@ def test_offpolicy_mix_trains_its_share_first(world, tmp_path):
     assert rec["rows"] == 6 and rec["start"] == 0  # 12 student rows * (1/3) / (2/3)
     kd = json.loads((Path(ckpt) / "kd_config.json").read_text())
     assert kd["config"]["loss"] == "skl" and kd["rows"] == {"start": 0, "count": 6, "of": 6}
+
+
+@pytest.mark.slow
+def test_one_round_on_the_embedded_teacher(tmp_path):
+    """The README's command on the real teacher (vLLM where installed): a student cut to 2 of
+    SmolLM2's 30 layers samples, SmolLM2 scores its tokens, the student trains one step."""
+    from transformers import AutoModelForCausalLM
+
+    from kdcore.models import resolve
+    from kdtrain.student import from_teacher_layers
+
+    student = from_teacher_layers("smollm2-135m-instruct", [0, 29])
+    student.model.save_pretrained(tmp_path / "student")
+    student.tokenizer.save_pretrained(tmp_path / "student")
+    rows = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:2]]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
+    args = _cli(
+        "onpolicy", "--teacher", "smollm2-135m-instruct", "--student", str(tmp_path / "student"), "--prompts", str(prompts),
+        "--out", str(tmp_path / "run"), "--rounds", "1", "--max-new-tokens", "12", "--k", "8", "--dtype", "float32",
+        "--max-steps", "1", "--batch-size", "2", "--loss", "sampled_rkl",
+    )
+    res = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stages = json.loads((tmp_path / "run" / "onpolicy_state.json").read_text())["stages"]
+    scored = stages["round-0/score"]["dataset"]
+    assert Path(TeacherDataset(scored).manifest["teacher"]["path"]) == Path(resolve("smollm2-135m-instruct").path)
+    teacher = AutoModelForCausalLM.from_pretrained(resolve("smollm2-135m-instruct").path, dtype=torch.float32).eval()
+    srows = {tuple(r["completion_ids"].tolist()) for r in _rows(stages["round-0/sample"]["dataset"])}
+    for row in _rows(scored):
+        assert tuple(row["completion_ids"].tolist()) in srows
+        ids = torch.as_tensor(list(row["prompt_ids"]) + list(row["completion_ids"]))[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(input_ids=ids).logits[0].float(), -1)
+        p = len(row["prompt_ids"])
+        direct = logp[p - 1 : -1].gather(1, torch.as_tensor(row["completion_ids"])[:, None])[:, 0]
+        torch.testing.assert_close(torch.as_tensor(row["token_logprobs"]), direct, atol=5e-3, rtol=0)
+    kd = json.loads((Path(stages["round-0/train"]["checkpoint"]) / "kd_config.json").read_text())
+    assert kd["config"]["loss"] == SAMPLED_RKL and kd["global_step"] == 1
