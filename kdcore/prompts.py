@@ -1,7 +1,7 @@
 """Read prompts (and, for `kdgen score`, completions) and turn them into the teacher's token ids.
 
 Sources: JSONL, Parquet, CSV, an HF dataset directory (`save_to_disk` output, or a folder of
-data files), or a teacher dataset (a directory holding manifest.json): its rows' prompts, completions
+data files), or a teacher dataset (a directory holding manifest.json, or its fsspec URL): its rows' prompts, completions
 and `completion_ids`. Given `completion_ids`, `kdgen score` scores exactly those tokens instead of
 re-tokenising the text (a student's samples, issue 15: decoding then re-encoding can change them). A prompt is either chat `messages` (a list of {role, content}) or plain text.
 Chat prompts go through the tokenizer's own chat template, applied here, then are tokenised
@@ -151,8 +151,9 @@ def load_prompts(
     `column=None` picks the first of AUTO_COLUMNS present. A `messages` column (or any column of
     lists) is chat input; a string column is plain text.
     """
-    path = Path(path)
-    records = read_records(path, split)
+    # a URL (s3://, hf://, ...) can only be a teacher dataset: prompt files are read locally
+    records = teacher_dataset_records(str(path)) if "://" in str(path) else read_records(Path(path), split)
+    path = str(path) if "://" in str(path) else Path(path)
     if not records:
         raise KdError(f"--prompts {path}: the file holds no prompts")
     keys = list(records[0].keys())

@@ -262,7 +262,7 @@ def test_one_round_on_the_embedded_teacher(tmp_path):
     args = _cli(
         "onpolicy", "--teacher", "smollm2-135m-instruct", "--student", str(tmp_path / "student"), "--prompts", str(prompts),
         "--out", str(tmp_path / "run"), "--rounds", "1", "--max-new-tokens", "12", "--k", "8", "--dtype", "float32",
-        "--max-steps", "1", "--batch-size", "2", "--loss", "sampled_rkl",
+        "--max-steps", "1", "--batch-size", "2", "--loss", "sampled_rkl", "--gpu-memory-utilization", "0.1",
     )
     res = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
