@@ -9,7 +9,8 @@
 * the loss on those rows is non-zero and moves with the teacher (another teacher scoring the same
   rows gives another gradient), for rkl / srkl / jsd over top-k + tail and sampled_rkl;
 * a kill (SIGKILL of the process group) between stages, then a rerun: nothing complete is redone;
-* the off-policy mix (DistiLLM-2 style: skl on teacher rows, srkl on student rows) trains its share.
+* the off-policy mix (DistiLLM-2 style: skl on teacher rows, srkl on student rows) trains its share;
+* slow: one round on the embedded teacher with vLLM (`--loss sampled_rkl`).
 """
 
 from __future__ import annotations
