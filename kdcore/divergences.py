@@ -39,6 +39,9 @@ teacher log-prob of -inf; they are dropped from both sides and their mass joins 
 Log-probs are floored at ``LOG_FLOOR`` so that 0 * log 0 terms stay 0, and each tail mass is
 floored at ``TAIL_FLOOR`` (keeps the reverse KL finite when the top-k holds all the mass).
 
+On a student's own samples (on-policy rows, issue 15) one more loss needs no top-k at all:
+``sampled_rkl``, the per-token sampled estimator of the reverse KL, `sampled_rkl_per_token`.
+
 Cross-tokenizer KD adds `span_likelihood`: the teacher's and the student's log-prob of the same
 text span (the alignment unit of `kdcore.align`) as two-bucket distributions, compared with the same
 divergence; `fused_kd_losses` computes it inside the same LM-head pass.
@@ -57,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "symkl")
+SAMPLED_RKL = "sampled_rkl"  # per-token estimator on the sampled token (student rows only)
 TAILS = ("bucket", "renorm")
 LOG_FLOOR = -1.0e4  # exp(LOG_FLOOR) == 0 in float32: zero-probability entries contribute exactly 0
 TAIL_FLOOR = 1.0e-10
@@ -185,3 +189,22 @@ def span_likelihood(student_token_logprobs: Tensor, span_ids: Tensor, span_logpr
     s = student_token_logprobs.new_zeros(len(spans)).index_add(0, inverse, student_token_logprobs[keep])
     t = span_logprobs[spans].to(s.dtype)
     return sparse_kd_per_token(s[:, None], t[:, None], replace(spec, tail="bucket"))
+
+
+def sampled_rkl_per_token(student_token_logprobs: Tensor, teacher_token_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    """The sampled-token estimator of the reverse KL, for rows the student sampled itself.
+
+    With x_t drawn from the student, d_t = log p_s(x_t) - log p_t(x_t) is an unbiased one-sample
+    estimate of KL(p_s || p_t) at position t (MiniLLM, Gu et al. 2024; "on-policy distillation",
+    Thinking Machines 2025; Lightning OPD precomputes log p_t(x_t) offline). Its gradient is the
+    score-function one, E_x[d(x) * grad log p_s(x)] (the E_x[grad log p_s(x)] term is zero), so the
+    differentiable surrogate is stop_grad(d_t) * log p_s(x_t): per token, no future-token credit
+    (discount 0). Temperature does not apply.
+
+    student_token_logprobs: [N] log p_s of each sampled token (differentiable).
+    teacher_token_logprobs: [N] the teacher's log-prob of the same tokens (`token_logprobs` of a
+                            `kdgen score` dataset: stored even outside the top-k).
+    returns: (estimate [N] without gradient, surrogate [N] whose gradient is the estimator's).
+    """
+    d = (student_token_logprobs - teacher_token_logprobs.to(student_token_logprobs.dtype)).detach()
+    return d, d * student_token_logprobs

@@ -1,7 +1,9 @@
 """Read prompts (and, for `kdgen score`, completions) and turn them into the teacher's token ids.
 
-Sources: JSONL, Parquet, CSV, or an HF dataset directory (`save_to_disk` output, or a folder of
-data files). A prompt is either chat `messages` (a list of {role, content}) or plain text.
+Sources: JSONL, Parquet, CSV, an HF dataset directory (`save_to_disk` output, or a folder of
+data files), or a teacher dataset (a directory holding manifest.json, or its fsspec URL): its rows' prompts, completions
+and `completion_ids`. Given `completion_ids`, `kdgen score` scores exactly those tokens instead of
+re-tokenising the text (a student's samples, issue 15: decoding then re-encoding can change them). A prompt is either chat `messages` (a list of {role, content}) or plain text.
 Chat prompts go through the tokenizer's own chat template, applied here, then are tokenised
 without adding special tokens again (the template already holds the BOS: no double BOS).
 Plain text is tokenised as is, with the tokenizer's usual special tokens.
@@ -29,12 +31,15 @@ class Prompt:
     messages: list[dict] | None
     text: str | None
     completion: str | None = None  # only for `kdgen score`
+    completion_ids: list[int] | None = None  # `kdgen score`: the exact tokens to score, when given
 
     @property
     def content_hash(self) -> str:
         body = {"messages": self.messages} if self.messages is not None else {"text": self.text}
         if self.completion is not None:
             body["completion"] = self.completion
+        if self.completion_ids is not None:
+            body["completion_ids"] = list(self.completion_ids)
         return sha256_hex(canonical_json(body))
 
 
@@ -42,6 +47,8 @@ def read_records(path: Path, split: str) -> list[dict]:
     """Rows of a prompt file as dicts."""
     if not path.exists():
         raise KdError(f"--prompts {path}: no such file or directory")
+    if (path / "manifest.json").is_file():
+        return teacher_dataset_records(str(path))
     if path.is_dir():
         import datasets
 
@@ -99,6 +106,21 @@ def read_records(path: Path, split: str) -> list[dict]:
     raise KdError(f"--prompts {path}: unknown file type {suffix!r}; use .jsonl, .parquet, .csv or an HF dataset directory")
 
 
+def teacher_dataset_records(url: str) -> list[dict]:
+    """A teacher dataset's rows as prompt records: `messages` or `prompt` (whichever the row has),
+    `completion` and `completion_ids` (the exact tokens, EOS included where it was produced)."""
+    from kdcore.dataset import TeacherDataset
+
+    ds = TeacherDataset(url)
+    table = ds.read_table(columns=["messages", "prompt", "completion"]).to_pylist()
+    ids = [b.completion_ids[b.offsets[i] : b.offsets[i + 1]].tolist() for b in ds.iter_batches(text=False) for i in range(b.num_rows)]
+    out = []
+    for row, cids in zip(table, ids):
+        rec = {"messages": row["messages"]} if row["messages"] is not None else {"prompt": row["prompt"]}
+        out.append({**rec, "completion": row["completion"], "completion_ids": cids})
+    return out
+
+
 def _as_messages(value, where: str) -> list[dict]:
     if isinstance(value, str):
         try:
@@ -129,8 +151,9 @@ def load_prompts(
     `column=None` picks the first of AUTO_COLUMNS present. A `messages` column (or any column of
     lists) is chat input; a string column is plain text.
     """
-    path = Path(path)
-    records = read_records(path, split)
+    # a URL (s3://, hf://, ...) can only be a teacher dataset: prompt files are read locally
+    records = teacher_dataset_records(str(path)) if "://" in str(path) else read_records(Path(path), split)
+    path = str(path) if "://" in str(path) else Path(path)
     if not records:
         raise KdError(f"--prompts {path}: the file holds no prompts")
     keys = list(records[0].keys())
@@ -166,8 +189,13 @@ def load_prompts(
                 raise KdError(f"{where}: the prompt is empty; remove the row or fill it in")
             p = Prompt(0, None, value)
         if completion_column is not None:
-            comp = rec.get(completion_column)
-            if not isinstance(comp, str) or not comp:
+            comp, ids = rec.get(completion_column), rec.get("completion_ids")
+            if ids is not None:  # exact tokens given: the text may be empty (an immediate EOS)
+                if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+                    raise KdError(f"{where}: column 'completion_ids' must be a non-empty list of token ids")
+                p.completion_ids = ids
+                comp = comp if isinstance(comp, str) else ""
+            elif not isinstance(comp, str) or not comp:
                 raise KdError(f"{where}: column {completion_column!r} must be non-empty text")
             p.completion = comp
         h = p.content_hash

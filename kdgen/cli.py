@@ -37,7 +37,7 @@ app.command("generate")(
 app.command("score")(
     config_command(
         GenerateConfig, _generate("score"), "Teacher-forced top-k log-probs for given prompt + completion pairs (same row schema).",
-        exclude=SAMPLING + SCALE_OUT, helps={"prompts": "File with prompts and completions to score (teacher-forced)."},
+        exclude=SAMPLING + SCALE_OUT, helps={"prompts": "File with prompts and completions to score (teacher-forced), or a teacher dataset directory (its completion_ids are scored as they are: a student's samples)."},
     )
 )
 

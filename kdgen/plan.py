@@ -175,9 +175,14 @@ def prepare(
         completion_ids = []
         eos = tok.eos_token_id
         for p, pids in zip(prompts, prompt_ids):
-            ids = tok(p.completion, add_special_tokens=False)["input_ids"]
-            if cfg.append_eos and eos is not None:
-                ids = ids + [eos]
+            if p.completion_ids is not None:  # exact tokens (a teacher dataset of student samples): as given
+                ids = list(p.completion_ids)
+                if max(ids) >= vocab:
+                    raise KdError(f"row {p.index + 1}: completion_ids hold id {max(ids)} beyond the teacher's {vocab} embedding rows; score with the model whose tokenizer made them")
+            else:
+                ids = tok(p.completion, add_special_tokens=False)["input_ids"]
+                if cfg.append_eos and eos is not None:
+                    ids = ids + [eos]
             if len(pids) + len(ids) > teacher.context:
                 raise KdError(f"row {p.index + 1}: prompt + completion ({len(pids) + len(ids)} tokens) exceed the teacher's context ({teacher.context})")
             completion_ids.append(ids)

@@ -4,6 +4,8 @@
     kdtrain run --config skew_kl --data ds/<fp> --init-from-teacher 0,4,8 lr=1e-4
     accelerate launch --num_processes 2 -m kdtrain run ...
     kdtrain map-report --data ds/<fp> --student gemma3-270m   # cross-tokenizer mapping, before training
+    kdtrain onpolicy --teacher T --student S --prompts P --rounds 2 --out runs/opd   # on-policy rounds
+    kdtrain chain --recipe takd                       # teacher-assistant chain
     kdtrain recipes                                   # list the shipped YAML recipes
 
 The flags of `run` are generated from `kdtrain.config.TrainConfig` by `kdcore.cli` (one flag per
@@ -14,9 +16,15 @@ line and exit 2. Test: `pytest tests/test_kdtrain_config.py tests/test_cli.py`.
 
 from __future__ import annotations
 
+from typing import Optional
+
+import typer
+
 from kdcore.cli import config_command, make_app
 from kdcore.errors import run_cli
 from kdtrain.config import RECIPES, MapReportConfig, TrainConfig, recipe_path, validate, validate_map_report
+from kdtrain.onpolicy import OnPolicyConfig
+from kdtrain.onpolicy import validate as validate_onpolicy
 
 app = make_app("kdtrain", "Train students from teacher datasets: text-KD and sparse top-k logit KD, on TRL.")
 
@@ -41,6 +49,27 @@ app.command("map-report")(
         validate=validate_map_report,
     )
 )
+
+
+app.command("onpolicy")(
+    config_command(
+        OnPolicyConfig, "kdtrain.onpolicy:run",
+        "On-policy distillation in rounds: the student samples, the teacher scores its samples (kdgen), the student trains; resumable.",
+        validate=validate_onpolicy,
+    )
+)
+
+
+@app.command()
+def chain(
+    recipe: str = typer.Option(..., "--recipe", help="Chain recipe (YAML): teacher, prompts, generation options and the links, e.g. kdtrain/recipes/takd.yaml."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (default: the recipe's out)."),
+    stop_after: Optional[str] = typer.Option(None, "--stop-after", help="Stop once this stage is complete, e.g. link-0/train."),
+) -> None:
+    """Teacher-assistant chain (TAKD): teacher dataset -> train link 0 -> it generates on the same prompts -> train link 1 ...; resumable."""
+    from kdtrain.chain import load_chain, run
+
+    print(run(load_chain(recipe, out), stop_after))
 
 
 @app.command()

@@ -12,6 +12,8 @@ Test: `pytest tests/test_kdtrain_config.py` (every recipe parses and validates).
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +22,13 @@ from kdcore.cli import load
 from kdcore.config import Documented
 from kdcore.config import doc_field as _f
 from kdcore.errors import KdError, collect
-from kdcore.divergences import DIVERGENCES, TAILS, SparseKD
+from kdcore.divergences import DIVERGENCES, SAMPLED_RKL, TAILS, SparseKD
 from kdcore.vocab_map import VOCAB_MATCH
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 MODES = ("logit", "text")
 OVERFLOW = ("truncate", "refuse")
+LOSSES = DIVERGENCES + (SAMPLED_RKL,)
 
 
 @dataclass
@@ -39,7 +42,7 @@ class TrainConfig(Documented):
     out: str = _f("runs/student", "Output directory: checkpoints (checkpoint-N/) during training, the final HF checkpoint at the top.")
     # the loss
     mode: str = _f("logit", "logit: sparse top-k KD (+ optional hard loss); text: SFT on the teacher's completions (any tokenizer pair).")
-    loss: str = _f("fkl", "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl.")
+    loss: str = _f("fkl", "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl; or sampled_rkl: on rows the student sampled itself (`kdtrain onpolicy`), the per-token estimate log p_student(x) - log p_teacher(x) of the reverse KL on the sampled token x (needs the teacher's tokenizer; ignores --temperature and the top-k).")
     tail: str = _f("bucket", "bucket: top-k plus one tail bucket holding the remaining mass (unbiased); renorm: renormalise the top-k (biased, for comparison).")
     train_top_k: int = _f(0, "Use only the N most likely of the stored top-k ids per position (0 = all k); the rest of their mass joins the tail bucket. Studies smaller k on one dataset.", aliases=("top_k",))
     kd_temperature: float = _f(1.0, "KD softening temperature, applied to both sides' bucket log-probs; the loss is scaled by T^2.", aliases=("temperature",))
@@ -110,8 +113,10 @@ def validate(cfg: TrainConfig) -> None:
         p.append("give exactly one of --student (a model spec), --student-config (a fresh config) or --init-from-teacher (layer list)")
     if cfg.mode not in MODES:
         p.append(f"--mode {cfg.mode}: choose {' or '.join(MODES)}")
-    if cfg.loss not in DIVERGENCES:
-        p.append(f"--loss {cfg.loss}: unknown loss; choose one of {', '.join(DIVERGENCES)}")
+    if cfg.loss not in LOSSES:
+        p.append(f"--loss {cfg.loss}: unknown loss; choose one of {', '.join(LOSSES)}")
+    if cfg.loss == SAMPLED_RKL and (cfg.mode != "logit" or cfg.kd_temperature != 1.0):
+        p.append(f"--loss {SAMPLED_RKL}: needs --mode logit and --kd-temperature 1 (the estimator is of the temperature-1 reverse KL)")
     if cfg.tail not in TAILS:
         p.append(f"--tail {cfg.tail}: choose {' or '.join(TAILS)}")
     if not (cfg.kd_temperature > 0 and cfg.kd_temperature <= 100):
@@ -254,17 +259,24 @@ def parse_layers(spec: str) -> list[int]:
 # Building a config: recipe + flags + key=value overrides
 
 
-def recipe_path(name: str) -> Path:
-    """A recipe by path, or by name in kdtrain/recipes ('skew_kl', 'recipes/skew_kl.yaml')."""
+def find_recipe(name: str) -> Path:
+    """A recipe file by path, or by name in kdtrain/recipes ('skew_kl', 'recipes/skew_kl.yaml')."""
     p = Path(name).expanduser()
-    if p.is_file():
-        return p
     stem = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
-    q = RECIPES / stem
-    if q.is_file():
-        return q
+    for found in (p, RECIPES / stem):
+        if found.is_file():
+            return found
     known = ", ".join(sorted(r.stem for r in RECIPES.glob("*.yaml")))
     raise KdError(f"--config {name}: no such file, and no recipe of that name (recipes: {known})")
+
+
+def recipe_path(name: str) -> Path:
+    """A `kdtrain run` recipe (`find_recipe`); a chain recipe (it has links) is refused with the
+    command that runs it."""
+    found = find_recipe(name)
+    if re.search(r"(?m)^links\s*:", found.read_text(encoding="utf-8")):
+        raise KdError(f"--config {found}: a chain recipe (it has links); run it with `kdtrain chain --recipe {found}`")
+    return found
 
 
 def load_config(recipe: str | None = None, flags: dict | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -12,6 +12,8 @@ no per-row Python objects):
                                              beyond the student's embedding rows (-> tail bucket)
     tail_logprobs [sum T] float32            the dataset's tail (mass outside the top-k, exact;
                                              the mass of those -inf entries folded in)
+    token_logprobs [sum T] float32           `--loss sampled_rkl` only: the teacher's log-prob of
+                                             each completion token (student rows, issue 15)
 
 Teacher arrays are aligned with *labels*: completion token j sits at position P + j, and its top-k
 row is the teacher's distribution for that token (predicted from position P + j - 1). The trainer
@@ -22,7 +24,8 @@ Trainer's samplers, DDP sharding and resume-skipping work on it, while `KDCollat
 arrays directly: HF's per-row numpy formatting would cap loading at a few 100k tokens/s.
 `KDCollator` pads a batch of rows into
     input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 on prompt and padding),
-    topk_ids [B, L, k] int32, topk_logprobs [B, L, k] and tail_logprobs [B, L] float32 (zeros off the completion).
+    topk_ids [B, L, k] int32, topk_logprobs [B, L, k] and tail_logprobs [B, L] float32 (zeros off the completion),
+    token_logprobs [B, L] float32 when the examples carry them.
 
 Test: `pytest tests/test_kdtrain_train.py`.
 """
@@ -53,6 +56,7 @@ class Prepared:
     topk_logprobs: np.ndarray | None = None
     tail_logprobs: np.ndarray | None = None
     tok_offsets: np.ndarray | None = None
+    token_logprobs: np.ndarray | None = None
     rows_in: int = 0
     truncated: int = 0
     dropped: int = 0
@@ -80,6 +84,8 @@ class Prepared:
             out["topk_ids"], out["topk_logprobs"] = self.topk_ids[c:d], self.topk_logprobs[c:d]
             if self.tail_logprobs is not None:  # None: cross-tokenizer targets (their residual bucket is derived)
                 out["tail_logprobs"] = self.tail_logprobs[c:d]
+            if self.token_logprobs is not None:
+                out["token_logprobs"] = self.token_logprobs[c:d]
         return out
 
 
@@ -111,7 +117,9 @@ def _rows_with(values: np.ndarray, offsets: np.ndarray, limit: int) -> np.ndarra
     return np.bincount(row_of[values >= limit], minlength=rows) > 0
 
 
-def logit_examples(data: TeacherData, max_length: int, overflow: str, student_rows: int, limit: int | None = None) -> Prepared:
+def logit_examples(
+    data: TeacherData, max_length: int, overflow: str, student_rows: int, limit: int | None = None, token_logprobs: bool = False
+) -> Prepared:
     """Rows -> examples with teacher top-k arrays (vectorised per read batch: no loop over rows).
 
     Where a batch keeps every token (no truncation, nothing dropped) its teacher arrays are taken
@@ -119,7 +127,7 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
     against a row-by-row reference.
     """
     k = data.k
-    parts: dict[str, list] = {"seqs": [], "seq_len": [], "start": [], "t_len": [], "ids": [], "lps": [], "tails": []}
+    parts: dict[str, list] = {"seqs": [], "seq_len": [], "start": [], "t_len": [], "ids": [], "lps": [], "tails": [], "tok": []}
     out = Prepared()
     remaining = limit
     for ds in data.datasets:
@@ -142,11 +150,13 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
             out.dropped += int(((keep_t <= 0) & ~beyond).sum())
             out.rows_in += rows
             kept, kt = np.flatnonzero(ok), keep_t[ok]
+            tok = slice(0, n_tok) if kt.sum() == n_tok else _ranges(b.offsets[kept], kt)
             if kt.sum() == n_tok:  # every completion token kept: the decoded arrays as they are
                 ids, lps, tails = b.topk_ids[:n_tok], b.topk_logprobs[:n_tok], b.tail_logprobs[:n_tok]
             else:  # the first keep_t[i] completion tokens of each kept row
-                tok = _ranges(b.offsets[kept], kt)
                 ids, lps, tails = b.topk_ids[tok], b.topk_logprobs[tok], b.tail_logprobs[tok]
+            if token_logprobs:
+                parts["tok"].append(b.token_logprobs[tok].astype(np.float32, copy=False))
             if ids.size and ids.max() >= student_rows:
                 # teacher ids in padded embedding rows the student lacks: their mass joins the tail
                 bad = ids >= student_rows
@@ -177,6 +187,8 @@ def logit_examples(data: TeacherData, max_length: int, overflow: str, student_ro
         out.topk_ids = np.concatenate(parts["ids"]).reshape(-1, k)
         out.topk_logprobs = np.concatenate(parts["lps"]).reshape(-1, k)
         out.tail_logprobs = np.concatenate(parts["tails"])
+        if token_logprobs:
+            out.token_logprobs = np.concatenate(parts["tok"])
     return finish_notes(out, max_length)
 
 
@@ -274,6 +286,7 @@ class KDCollator:
         labels = np.full((n, width), -100, np.int64)
         mask = np.arange(width)[None, :] < lengths[:, None]
         k = ex.k if self.with_topk else 0
+        tok_lps = np.zeros((n, width), np.float32) if k and ex.token_logprobs is not None else None
         if k:
             topk_ids = np.zeros((n, width, k), np.int32)
             topk_lps = np.zeros((n, width, k), np.float32)
@@ -288,6 +301,8 @@ class KDCollator:
                 topk_lps[i, s:L] = ex.topk_logprobs[c[i] : c[i] + L - s]
                 if tails is not None:
                     tails[i, s:L] = ex.tail_logprobs[c[i] : c[i] + L - s]
+                if tok_lps is not None:
+                    tok_lps[i, s:L] = ex.token_logprobs[c[i] : c[i] + L - s]
         out = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask.astype(np.int64)),
@@ -298,6 +313,8 @@ class KDCollator:
             out["topk_logprobs"] = torch.from_numpy(topk_lps)
             if tails is not None:
                 out["tail_logprobs"] = torch.from_numpy(tails)
+        if tok_lps is not None:
+            out["token_logprobs"] = torch.from_numpy(tok_lps)
         return out
 
 

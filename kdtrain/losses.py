@@ -8,7 +8,9 @@ states through the LM head ``tile`` tokens at a time, and computes the gradients
 states and of the head weight inside the forward pass (one [tile, V] block of logits alive at a time, no
 recomputation in the backward; the same trick as Liger's fused linear cross-entropy).
 `fused_kd_losses` also computes the cross-tokenizer span term (`kdcore.divergences.span_likelihood`)
-inside the same LM-head pass.
+inside the same LM-head pass, and, given the teacher's log-prob of each label (`label_logprobs`),
+the sampled-token reverse-KL estimator on student rows (`kdcore.divergences.sampled_rkl_per_token`)
+in place of the top-k divergence.
 
 Test: ``pytest tests/test_kdtrain_losses.py`` (every divergence against a dense reference),
 ``tests/test_kdtrain_crosstok.py`` (residual bucket and span term against dense references).
@@ -21,7 +23,7 @@ import bisect
 import torch
 from torch import Tensor
 
-from kdcore.divergences import LOGITS_BUDGET, SparseKD, sparse_kd_per_token, span_likelihood
+from kdcore.divergences import LOGITS_BUDGET, SparseKD, sampled_rkl_per_token, sparse_kd_per_token, span_likelihood
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,15 +57,16 @@ class _FusedSparseKD(torch.autograd.Function):
     """See `fused_sparse_kd`. Gradients are computed in the forward and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, tile, softcap, span_ids, span_logprobs, span_weight, teacher_tail):
-        n_tok, vocab = hidden.shape[0], weight.shape[0]
+    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, tile, softcap, span_ids, span_logprobs, span_weight, teacher_tail, label_logprobs):
+        n_tok = hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         span_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        use_kd = kd_weight != 0.0 and topk_ids.shape[-1] > 0
+        use_sampled = label_logprobs is not None and kd_weight != 0.0
+        use_kd = kd_weight != 0.0 and topk_ids.shape[-1] > 0 and not use_sampled
         use_span = span_ids is not None and span_weight != 0.0
         w = weight
         for a, b in _tiles(n_tok, tile, span_ids if use_span else None):
@@ -88,6 +91,10 @@ class _FusedSparseKD(torch.autograd.Function):
                     kd_tok = sparse_kd_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], spec, tail)
                     total = total + kd_weight * kd_tok.sum()
                     kd_sum += kd_tok.detach().sum()
+                if use_sampled:
+                    est, surrogate = sampled_rkl_per_token(zl_l - lse_l, label_logprobs[a:b])
+                    total = total + kd_weight * surrogate.sum()
+                    kd_sum += est.sum()
                 if use_span:
                     span_tok = span_likelihood(-ce_tok, span_ids[a:b], span_logprobs, spec)
                     total = total + span_weight * span_tok.sum()
@@ -124,7 +131,7 @@ class _FusedSparseKD(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         gh = (grad_h * grad_total).to(h_dtype) if grad_h is not None else None
         gw = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None, None, None, None, None
+        return (gh, gw) + (None,) * 13  # one per non-tensor-gradient input of forward
 
 
 def fused_sparse_kd(
@@ -168,6 +175,7 @@ def fused_kd_losses(
     span_logprobs: Tensor | None = None,
     span_weight: float = 0.0,
     teacher_tail: Tensor | None = None,
+    label_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`fused_sparse_kd` plus the span-likelihood term of cross-tokenizer KD (`span_likelihood`).
 
@@ -177,10 +185,13 @@ def fused_kd_losses(
     span_logprobs: [C] the teacher's log-prob of each span.
     teacher_tail:  [N] the teacher's stored tail log-prob (format v2 `tail_logprobs`, mass of dropped
                    top-k entries folded in); None derives it from topk_logprobs.
+    label_logprobs: [N] the teacher's log-prob of each label (student rows): the KD term becomes the
+                   sampled-token reverse-KL estimator (`sampled_rkl_per_token`; kd_sum sums its
+                   estimates, the gradient is its surrogate's) and the top-k arrays are not used.
     returns: (total, kd_sum, ce_sum, span_sum); total = ce_weight*ce + kd_weight*kd + span_weight*span.
     """
     tile = auto_tile(weight.shape[0], tile)
     return _FusedSparseKD.apply(
         hidden, weight, labels, topk_ids, topk_logprobs, spec, float(ce_weight), float(kd_weight), tile, softcap,
-        span_ids, span_logprobs, float(span_weight), teacher_tail,
+        span_ids, span_logprobs, float(span_weight), teacher_tail, label_logprobs,
     )

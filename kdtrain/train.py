@@ -28,6 +28,7 @@ from kdcore.progress import console, quiet
 from kdtrain import __version__
 from kdtrain.config import TrainConfig, validate
 from kdcore.crosstok import CrossTok, load_teacher_tokenizer
+from kdcore.divergences import SAMPLED_RKL
 from kdcore.teacher_data import TeacherData, open_teacher_data, same_tokenizer
 from kdtrain.crosstok import CrossKDCollator, crosstok_examples
 from kdtrain.data import KDCollator, logit_examples, text_examples, to_hf_dataset
@@ -46,6 +47,8 @@ def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> b
             f"the student has {student.embedding_rows:,} embedding rows but its tokenizer has {len(student.tokenizer):,} "
             f"tokens; resize the student's embeddings first"
         )
+    if cfg.loss == SAMPLED_RKL and not same:
+        raise KdError(f"--loss {SAMPLED_RKL} needs the student to share the teacher's tokenizer (it compares both log-probs of the same sampled token)")
     if cfg.train_top_k > data.k:
         raise KdError(f"--train-top-k {cfg.train_top_k} exceeds the k={data.k} stored in the dataset; use at most {data.k} (0 = all)")
     if cfg.train_top_k and cfg.mode == "logit" and not same:
@@ -207,7 +210,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         prepared = online_examples(cfg, data, student.tokenizer, max_length)
         say(f"online teacher: {cfg.teacher} ({online.dtype}), dense KD over {student.embedding_rows:,} ids" + (f", IR {cfg.ir_layers} ({cfg.ir_loss})" if online.ir else ""))
     elif cfg.mode == "logit" and same:
-        prepared = logit_examples(data, max_length, cfg.overflow, student.embedding_rows, cfg.limit)
+        prepared = logit_examples(data, max_length, cfg.overflow, student.embedding_rows, cfg.limit, cfg.loss == SAMPLED_RKL)
     elif cfg.mode == "logit":
         cross = build_crosstok(cfg, data, student)
         summary = cross.vmap.summary(cross.teacher)
@@ -262,9 +265,16 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
     return trainer
 
 
-def run(cfg: TrainConfig, callbacks: list | None = None) -> str:
-    """Train; returns the output directory holding the final checkpoint."""
+def run(cfg: TrainConfig, callbacks: list | None = None, rows: tuple[int, int] | None = None) -> str:
+    """Train; returns the output directory holding the final checkpoint.
+
+    `rows=(start, count)`: train on `count` examples from `start` on, wrapping around the end
+    (`kdtrain onpolicy` draws each round's off-policy share this way); recorded in kd_config.json."""
     trainer = build_trainer(cfg, callbacks)
+    if rows is not None:
+        n = len(trainer.train_dataset)
+        trainer.train_dataset = trainer.train_dataset.select([(rows[0] + i) % n for i in range(rows[1])])
+        trainer.kd_record["rows"] = {"start": rows[0] % n, "count": rows[1], "of": n}
     resume = last_checkpoint(cfg.out) if cfg.resume else None
     if resume and trainer.args.should_save:
         console.print(f"resuming from {resume}")

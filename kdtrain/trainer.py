@@ -118,13 +118,16 @@ def attach_kd_head(model, loss: KDLoss, online=None) -> None:
             ids = torch.zeros((h.shape[0], 0), dtype=torch.long, device=h.device)
             lps = torch.zeros((h.shape[0], 0), dtype=torch.float32, device=h.device)
             tails = None
+        label_lps = None
+        if "token_logprobs" in kd_targets and loss.kd_weight:  # student rows: --loss sampled_rkl
+            label_lps = kd_targets["token_logprobs"][:, 1:][mask].float().to(h.device)
         span_ids = span_lps = None
         if "span_ids" in kd_targets and loss.span_weight:
             span_ids = kd_targets["span_ids"][:, 1:][mask].to(h.device)
             span_lps = kd_targets["span_logprobs"].reshape(-1).float().to(h.device)
         total, kd_sum, ce_sum, span_sum = fused_kd_losses(
             h, weight, labels[mask].to(h.device), ids, lps, loss.spec, loss.ce_weight, loss.kd_weight, loss.tile_size, softcap,
-            span_ids, span_lps, loss.span_weight, tails,
+            span_ids, span_lps, loss.span_weight, tails, label_lps,
         )
         return KDOutput(total, kd_sum, ce_sum, mask.sum(), span_sum)
 
@@ -147,7 +150,7 @@ class KDTrainer(SFTTrainer):
         self._kd_clock: float | None = None  # started by the first training micro-batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "tail_logprobs", "span_ids", "span_logprobs") if k in inputs}
+        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "tail_logprobs", "token_logprobs", "span_ids", "span_logprobs") if k in inputs}
         if self.online is not None:
             targets.update(self.online.teacher_targets(inputs))
         out: KDOutput = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_targets=targets)
