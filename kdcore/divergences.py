@@ -7,12 +7,23 @@ those ids. Both sides become distributions over K categories:
 * ``tail="bucket"`` (default), K = k+1: the k top-k entries plus one **tail bucket** holding the
   rest of the mass, ``log(1 - sum(exp(topk)))``, on each side. Mass-preserving: the divergence is
   the exact divergence between the two distributions coarse-grained onto {top-k ids, everything
-  else} — a lower bound of the full-vocabulary one (data processing inequality).
+  else} — a lower bound of the full-vocabulary one (data processing inequality). DistillKit's
+  ``missing=SYMMETRIC_UNIFORM`` is the same loss at temperature 1.
+* ``tail="teacher_renorm"``, K = k: the **field's common top-k KD** — Axolotl's KD plugin default
+  and DistillKit's ``missing=ZERO``. The teacher is renormalised over its top-k; the student side is
+  its full-vocabulary log-softmax gathered at those ids and *not* renormalised, so the mass the
+  student puts outside the top-k still counts: for fkl the loss is ``sum_i t_i (log t_i - log s_i)``,
+  which equals renorm's value minus ``log S`` (S = the student's mass on the top-k; it pulls S to 1,
+  past the teacher's own top-k mass). The other divergences apply their formula as written to the
+  unnormalised student entries (as Axolotl's JSD/RKL over top-k do). With temperature the student is
+  tempered over the full vocabulary, ``log_softmax(z / tau)`` at the ids (the caller supplies it:
+  `sparse_kd_per_token`'s ``student_tempered``; `kdtrain.losses` does).
 * ``tail="renorm"``, K = k: both sides renormalised over the top-k ids (log-softmax over the k
-  entries). This is the common shortcut; it is biased (it ignores how much mass each side puts
-  outside the top-k) and is kept for comparison.
+  entries): Axolotl's opt-in ``kd_normalize_topk``. Biased in a worse way than teacher_renorm: it is
+  exactly invariant to how much mass the student puts outside the top-k, so that mass gets no
+  gradient at all (a student with 99% of its mass elsewhere can score 0). Kept as a baseline.
 
-Temperature ``tau`` is applied the same way to both sides, on the K bucket log-probs:
+Temperature ``tau`` is applied the same way to both sides (teacher_renorm's student: above), on the K bucket log-probs:
 ``log_softmax(logp / tau)``. For the top-k entries this is ordinary tempering of those entries
 relative to each other; **the tail bucket is tempered as if it were one token** (its mass m becomes
 m^(1/tau) before renormalising), whereas tempering the full vocabulary would raise every tail token
@@ -20,7 +31,8 @@ separately (sum p_j^(1/tau) >= m^(1/tau) for tau > 1). So at tau > 1 the tail ge
 full-vocabulary tempering would give it; at tau = 1 nothing changes. The divergence is multiplied
 by tau^2 (Hinton et al. 2015) so gradient magnitudes stay comparable across temperatures.
 
-Divergences (t = teacher, s = student, both [N, K] log-probs, each row a distribution):
+Divergences (t = teacher, s = student, both [N, K] log-probs, each row a distribution — except the
+student's under teacher_renorm, which sums to <= 1):
 
 ==========  =================================================================================
 fkl         KL(t || s)                         forward KL, mode-covering (standard KD)
@@ -55,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "symkl")
-TAILS = ("bucket", "renorm")
+TAILS = ("bucket", "teacher_renorm", "renorm")
 LOG_FLOOR = -1.0e4  # exp(LOG_FLOOR) == 0 in float32: zero-probability entries contribute exactly 0
 TAIL_FLOOR = 1.0e-10
 LOGITS_BUDGET = 1 << 25  # float32 elements per [chunk, V] logits tile, training and evaluation alike (128 MB)
@@ -92,7 +104,7 @@ def divergence(t: Tensor, s: Tensor, loss: str, alpha: float = 0.1, beta: float 
     """Per-row divergence between teacher and student.
 
     t: [N, K] teacher log-probs; s: [N, K] student log-probs (rows are distributions, entries
-    >= LOG_FLOOR). Returns [N].
+    >= LOG_FLOOR; under tail="teacher_renorm" the student's rows sum to <= 1). Returns [N].
     """
     if loss == "fkl":
         return _kl(t, s)
@@ -125,31 +137,41 @@ def bucket_logprobs(top: Tensor, tail: str, temperature: float) -> Tensor:
     """One side's top-k log-probs -> tempered bucket log-probs.
 
     top: [N, k] log-probs normalised over the full vocabulary (-inf where an entry is dropped).
-    returns: [N, k+1] for tail="bucket" (last column is the tail), [N, k] for tail="renorm";
-    each row a distribution, entries floored at LOG_FLOOR.
+    returns: [N, k+1] for tail="bucket" (last column is the tail), [N, k] for tail="renorm" and
+    "teacher_renorm" (the teacher side of both); each row a distribution, entries floored at LOG_FLOOR.
     """
     if tail == "bucket":
         top = torch.cat([top, _log1mexp(torch.logsumexp(top, -1, keepdim=True))], dim=-1)
-    elif tail != "renorm":
+    elif tail not in TAILS:
         raise ValueError(f"unknown tail mode {tail!r}; choose one of {', '.join(TAILS)}")
-    if temperature != 1.0 or tail == "renorm":
+    if temperature != 1.0 or tail != "bucket":
         top = F.log_softmax(top / temperature, dim=-1)
     return top.clamp(min=LOG_FLOOR)
 
 
 def sparse_kd_per_token(
-    student_topk: Tensor, teacher_topk: Tensor, spec: SparseKD
+    student_topk: Tensor, teacher_topk: Tensor, spec: SparseKD, student_tempered: Tensor | None = None
 ) -> Tensor:
     """Per-token soft loss from gathered log-probs.
 
     student_topk: [N, k] student log-softmax (temperature 1) at the teacher's top-k ids.
     teacher_topk: [N, k] teacher log-probs (temperature 1), -inf for dropped entries.
+    student_tempered: [N, k] the student's full-vocabulary ``log_softmax(z / temperature)`` at the
+        ids; only tail="teacher_renorm" at temperature != 1 reads it (and then needs it), because
+        that side is not a function of the temperature-1 top-k alone.
     returns: [N], already multiplied by temperature^2.
     """
-    student_topk = student_topk.masked_fill(torch.isneginf(teacher_topk), float("-inf"))
+    dropped = torch.isneginf(teacher_topk)
     dtype = torch.promote_types(teacher_topk.dtype, torch.float32)  # float64 stays float64 (evaluation)
     t = bucket_logprobs(teacher_topk.to(dtype), spec.tail, spec.temperature)
-    s = bucket_logprobs(student_topk.to(dtype), spec.tail, spec.temperature)
+    if spec.tail == "teacher_renorm":
+        if spec.temperature != 1.0:
+            if student_tempered is None:
+                raise ValueError("tail='teacher_renorm' at temperature != 1 needs student_tempered")
+            student_topk = student_tempered
+        s = student_topk.to(dtype).masked_fill(dropped, float("-inf")).clamp(min=LOG_FLOOR)
+    else:
+        s = bucket_logprobs(student_topk.masked_fill(dropped, float("-inf")).to(dtype), spec.tail, spec.temperature)
     return divergence(t, s, spec.loss, spec.alpha, spec.beta) * spec.temperature**2
 
 
