@@ -149,3 +149,19 @@ def test_load_references(tmp_path):
     with pytest.raises(KdError, match="holds no references"):
         (tmp_path / "e.txt").write_text("\n")
         load_references(str(tmp_path / "e.txt"))
+
+
+def test_verdict_is_computed_from_the_numbers():
+    from kdeval.verdict import verdict
+
+    def model(name, role, kl, top1, rouge):
+        return {"name": name, "role": role, "eval_key": "e", "metrics": {"kl": kl, "top1": top1, "rougeL": rouge}}
+
+    teacher = model("teacher", "teacher", 0.0, 1.0, 1.0)
+    a, b = model("logit-kd", "student", 1.5, 0.6, 0.30), model("text-kd", "student", 2.5, 0.5, 0.35)
+    text = verdict([teacher, a, b])
+    assert "**logit-kd** is closest to the teacher by KL to the teacher (1.500 vs text-kd 2.500)" in text
+    assert "also leads on top-1 agreement (0.600 vs 0.500)" in text and "text-kd leads on ROUGE-L (0.350 vs 0.300)" in text
+    a["metrics"], b["metrics"] = b["metrics"], a["metrics"]  # swap the numbers: the sentence swaps
+    assert "**text-kd** is closest" in verdict([teacher, a, b])
+    assert verdict([teacher, a]) is None
