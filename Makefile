@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := $(if $(GPU),gpu,cpu),dev,gemma
 STAMP := $(VENV)/.installed-$(EXTRAS)
-DEMO_PROMPTS ?= 48
+DEMO_PROMPTS ?= 128
 DEMO_EVAL_PROMPTS ?= 16
 DEMO_OUT ?= demo-out
 BENCH_PRESET ?= small
@@ -41,7 +41,8 @@ test-fast: venv
 DEMO_LIMIT := $(if $(filter all,$(DEMO_PROMPTS)),,--limit $(DEMO_PROMPTS))
 # the student: the teacher with every fifth of its 30 blocks dropped (3, 8, ..., 28; the first and last kept)
 DEMO_LAYERS ?= 0,1,2,4,5,6,7,9,10,11,12,14,15,16,17,19,20,21,22,24,25,26,27,29
-DEMO_STEPS ?= 48
+DEMO_STEPS ?= 40
+DEMO_NEW_TOKENS ?= 128
 DEMO_TRAIN := --data $$(cat $(DEMO_OUT)/train-dataset.txt) --init-from-teacher $(DEMO_LAYERS) --max-steps $(DEMO_STEPS) \
 	--batch-size 4 --lr 1e-4 --logging-steps $$(( $(DEMO_STEPS) / 24 > 0 ? $(DEMO_STEPS) / 24 : 1 )) --save-steps 100000 --seed 0
 DEMO_DEPS ?= venv
@@ -51,7 +52,7 @@ PY := $(BIN)/python
 demo: $(DEMO_DEPS)
 	@mkdir -p $(DEMO_OUT)
 	@echo "== 1/6 kdgen: the embedded teacher (SmolLM2-135M-Instruct) writes a teacher dataset for training"
-	$(PY) -m kdgen generate --backend $(DEMO_BACKEND) --prompts data/train.jsonl $(DEMO_LIMIT) --max-new-tokens 128 --out $(DEMO_OUT)/teacher | tail -1 > $(DEMO_OUT)/train-dataset.txt
+	$(PY) -m kdgen generate --backend $(DEMO_BACKEND) --prompts data/train.jsonl $(DEMO_LIMIT) --max-new-tokens $(DEMO_NEW_TOKENS) --out $(DEMO_OUT)/teacher | tail -1 > $(DEMO_OUT)/train-dataset.txt
 	$(PY) -m kdgen verify $$(cat $(DEMO_OUT)/train-dataset.txt)
 	$(PY) -m kdgen info $$(cat $(DEMO_OUT)/train-dataset.txt)
 	@echo "== 2/6 kdgen: greedy teacher completions of held-out prompts, for evaluation"

@@ -41,6 +41,7 @@ import shlex
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -203,6 +204,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--jobs", type=int, default=1, help="training runs at once (each its own process)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per arm (data order)")
     ap.add_argument("--backend", default="vllm", help="kdgen's backend for the teacher datasets")
     ap.add_argument("--eval-backend", default=None, help="kdeval's backend for the students' greedy completions (default: --backend)")
@@ -224,7 +226,7 @@ def main() -> None:
 
     train, heldout = teacher_datasets(args)
     runs: dict[str, dict] = {}
-    models = []
+    models, todo = [], []
     for name, flags in arms.items():
         for seed in [0] if flags is None else seeds:
             out = work / f"{name}-s{seed}"
@@ -232,8 +234,12 @@ def main() -> None:
                 untrained_student(train, args.layers, out)
                 runs[out.name] = {"train_s": 0.0, "tokens": 0}
             else:
-                runs[out.name] = train_arm(args, flags, train, seed, out)
+                todo.append((out.name, flags, seed, out))
             models += ["--model", f"{out.name}={out}"]
+    # --jobs > 1 trains several arms at once (wall time only: train_s then includes the sharing)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for run_name, result in zip([t[0] for t in todo], pool.map(lambda t: train_arm(args, t[1], train, t[2], t[3]), todo)):
+            runs[run_name] = result
     _cli("kdeval", "run", "--data", heldout, *models, "--max-new-tokens", str(args.eval_new_tokens),
          "--backend", args.eval_backend or args.backend, "--out", str(work / "eval"))  # fmt: skip
     results = json.loads((work / "eval" / "results.json").read_text())
