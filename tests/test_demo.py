@@ -36,7 +36,8 @@ def test_demo_students_answer_with_text(tmp_path):
         raise
     assert proc.returncode == 0, stderr[-3000:]
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert {m["name"] for m in results["models"]} == {"teacher", "logit-kd", "text-kd"}
+    assert sorted(m["role"] for m in results["models"]) == ["student", "student", "teacher"]
+    assert {m["name"] for m in results["models"] if m["role"] == "student"} == {"logit-kd", "text-kd"}
     samples = results["samples"]
     assert len(samples) == 3
     for s in samples:
