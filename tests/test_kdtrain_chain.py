@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO
 from kdcore.errors import KdError
 from kdcore.dataset import TeacherDataset
-from test_kdtrain_train import _peaky_model
+from kdtrain_helpers import peaky_model
 
 TRAIN = {"max_steps": 2, "batch_size": 4, "lr": 3e-3, "warmup_ratio": 0.0}
 
@@ -31,7 +31,7 @@ def world(tmp_path_factory, tokenizer):
     rows = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:4]]
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
-    teacher = _peaky_model(root / "teacher", tokenizer, seed=0, layers=4)
+    teacher = peaky_model(root / "teacher", tokenizer, seed=0, layers=4)
     recipe = root / "chain.yaml"
     recipe.write_text(
         yaml.safe_dump(

@@ -11,32 +11,9 @@ import torch
 
 from kdcore.divergences import DIVERGENCES, SparseKD
 from kdtrain.losses import fused_sparse_kd
-from kdtrain_helpers import ALPHA, BETA, dense_divergence
+from kdtrain_helpers import ALPHA, BETA, dense_divergence, dense_kd_reference
 
 V, H, N = 40, 8, 9
-def _temper(probs: torch.Tensor, tau: float) -> torch.Tensor:
-    x = probs.pow(1.0 / tau)
-    return x / x.sum(-1, keepdim=True)
-
-
-def _reference(logits, teacher_logp, ids, labels, loss, tail, tau, ce_weight):
-    """Dense: full softmax, then collapse onto the top-k ids (+ tail) and temper, in float64."""
-    q_full = logits.double().softmax(-1)
-    p_full = teacher_logp.double().exp()
-    p_top, q_top = p_full.gather(1, ids), q_full.gather(1, ids)
-    if tail == "teacher_renorm":  # Axolotl / DistillKit: student tempered over the full vocabulary, not renormalised
-        q_tau = (logits.double() / tau).softmax(-1).gather(1, ids)
-        kd = _dense_divergence(_temper(p_top / p_top.sum(-1, keepdim=True), tau), q_tau, loss) * tau**2
-        ce = -q_full.log().gather(1, labels[:, None]).squeeze(1)
-        return ce_weight * ce.sum() + kd.sum(), kd.sum()
-    if tail == "bucket":
-        p = torch.cat([p_top, (1 - p_top.sum(-1, keepdim=True)).clamp(min=1e-10)], -1)
-        q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=1e-10)], -1)
-    else:
-        p, q = p_top / p_top.sum(-1, keepdim=True), q_top / q_top.sum(-1, keepdim=True)
-    kd = dense_divergence(_temper(p, tau), _temper(q, tau), loss) * tau**2
-    ce = -q_full.log().gather(1, labels[:, None]).squeeze(1)
-    return ce_weight * ce.sum() + kd.sum(), kd.sum()
 
 
 def _setup(k: int, seed: int = 0):
@@ -60,7 +37,7 @@ def test_sparse_matches_dense_reference(loss, tail, k, tau):
     total, kd, ce = fused_sparse_kd(h1, w1, labels, ids, vals, spec, ce_weight=0.3, kd_weight=1.0, tile=4)
     total.backward()
     h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    ref_total, ref_kd = _reference(h2 @ w2.t(), teacher_logp, ids, labels, loss, tail, tau, 0.3)
+    ref_total, ref_kd = dense_kd_reference(h2 @ w2.t(), teacher_logp, ids, labels, loss, tail, tau, 0.3)
     ref_total.backward()
     assert kd.item() == pytest.approx(ref_kd.item(), rel=1e-4, abs=1e-5)
     assert total.item() == pytest.approx(ref_total.item(), rel=1e-4, abs=1e-5)

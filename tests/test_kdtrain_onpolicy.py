@@ -30,7 +30,7 @@ from conftest import REPO
 from kdcore.divergences import SAMPLED_RKL, SparseKD
 from kdcore.errors import KdError
 from kdcore.dataset import TeacherDataset
-from test_kdtrain_train import _peaky_model
+from kdtrain_helpers import peaky_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "KD_QUIET": "1"}
 MAX_NEW = 8
@@ -64,9 +64,9 @@ def world(tmp_path_factory, tokenizer):
     w = {
         "root": root,
         "prompts": prompts,
-        "teacher": _peaky_model(root / "teacher", tokenizer, seed=0),
-        "teacher2": _peaky_model(root / "teacher2", tokenizer, seed=2),
-        "student": _peaky_model(root / "student", tokenizer, seed=1, layers=1),
+        "teacher": peaky_model(root / "teacher", tokenizer, seed=0),
+        "teacher2": peaky_model(root / "teacher2", tokenizer, seed=2),
+        "student": peaky_model(root / "student", tokenizer, seed=1, layers=1),
     }
     out = root / "run"
     state = out / "onpolicy_state.json"
