@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS := $(if $(GPU),gpu,cpu),dev,gemma
 STAMP := $(VENV)/.installed-$(EXTRAS)
-DEMO_PROMPTS ?= 48
+DEMO_PROMPTS ?= 128
 DEMO_EVAL_PROMPTS ?= 16
 DEMO_OUT ?= demo-out
 BENCH_PRESET ?= small
@@ -46,25 +46,39 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
 DEMO_LIMIT := $(if $(filter all,$(DEMO_PROMPTS)),,--limit $(DEMO_PROMPTS))
+# the student: the teacher with every fifth of its 30 blocks dropped (3, 8, ..., 28; the first and last kept)
+DEMO_LAYERS ?= 0,1,2,4,5,6,7,9,10,11,12,14,15,16,17,19,20,21,22,24,25,26,27,29
+DEMO_STEPS ?= 40
+DEMO_NEW_TOKENS ?= 128
+DEMO_TRAIN := --data $$(cat $(DEMO_OUT)/train-dataset.txt) --init-from-teacher $(DEMO_LAYERS) --max-steps $(DEMO_STEPS) \
+	--batch-size 4 --lr 1e-4 --logging-steps $$(( $(DEMO_STEPS) / 24 > 0 ? $(DEMO_STEPS) / 24 : 1 )) --save-steps 100000 --seed 0
+DEMO_DEPS ?= venv
+DEMO_BACKEND ?= auto
+PY := $(BIN)/python
 
-demo: venv
+demo: $(DEMO_DEPS)
 	@mkdir -p $(DEMO_OUT)
-	@echo "== 1/5 kdgen: the embedded teacher (SmolLM2-135M-Instruct) writes a teacher dataset for training"
-	$(BIN)/kdgen generate --prompts data/train.jsonl $(DEMO_LIMIT) --max-new-tokens 128 --out $(DEMO_OUT)/teacher | tail -1 > $(DEMO_OUT)/train-dataset.txt
-	$(BIN)/kdgen verify $$(cat $(DEMO_OUT)/train-dataset.txt)
-	$(BIN)/kdgen info $$(cat $(DEMO_OUT)/train-dataset.txt)
-	@echo "== 2/5 kdgen: greedy teacher completions of held-out prompts, for evaluation"
-	$(BIN)/kdgen generate --prompts data/heldout.jsonl --limit $(DEMO_EVAL_PROMPTS) --temperature 0 --max-new-tokens 64 --out $(DEMO_OUT)/teacher | tail -1 > $(DEMO_OUT)/heldout-dataset.txt
-	@echo "== 3/5 kdtrain: a 6-layer student cut from the teacher learns its top-k distribution (forward KL + tail bucket)"
-	$(BIN)/kdtrain run --data $$(cat $(DEMO_OUT)/train-dataset.txt) --init-from-teacher 0,6,12,18,24,29 --mode logit --loss fkl --epochs 1 --batch-size 4 --lr 2e-4 --out $(DEMO_OUT)/student
-	@echo "== 4/5 kdeval: the teacher and the student, scored on the held-out teacher dataset"
-	$(BIN)/kdeval run --teacher smollm2-135m-instruct --model student=$(DEMO_OUT)/student --data $$(cat $(DEMO_OUT)/heldout-dataset.txt) --max-new-tokens 64 --out $(DEMO_OUT)/eval
-	@echo "== 5/5 kdeval compare: REPORT.md and plots"
-	$(BIN)/kdeval compare $(DEMO_OUT)/eval --out $(DEMO_OUT)/report
+	@echo "== 1/6 kdgen: the embedded teacher (SmolLM2-135M-Instruct) writes a teacher dataset for training"
+	$(PY) -m kdgen generate --backend $(DEMO_BACKEND) --prompts data/train.jsonl $(DEMO_LIMIT) --max-new-tokens $(DEMO_NEW_TOKENS) --out $(DEMO_OUT)/teacher | tail -1 > $(DEMO_OUT)/train-dataset.txt
+	$(PY) -m kdgen verify $$(cat $(DEMO_OUT)/train-dataset.txt)
+	$(PY) -m kdgen info $$(cat $(DEMO_OUT)/train-dataset.txt)
+	@echo "== 2/6 kdgen: greedy teacher completions of held-out prompts, for evaluation"
+	$(PY) -m kdgen generate --backend $(DEMO_BACKEND) --prompts data/heldout.jsonl --limit $(DEMO_EVAL_PROMPTS) --temperature 0 --max-new-tokens 64 --out $(DEMO_OUT)/teacher | tail -1 > $(DEMO_OUT)/heldout-dataset.txt
+	@echo "== 3/6 kdtrain: logit KD - a student cut from the teacher (24 of its 30 blocks) learns its top-k distribution (forward KL + tail bucket)"
+	$(PY) -m kdtrain run $(DEMO_TRAIN) --mode logit --loss fkl --out $(DEMO_OUT)/logit-kd
+	@echo "== 4/6 kdtrain: text KD - the same cut, the same teacher tokens, cross-entropy on the teacher's text only"
+	$(PY) -m kdtrain run $(DEMO_TRAIN) --mode text --out $(DEMO_OUT)/text-kd
+	@echo "== 5/6 kdeval: the teacher and both students, scored on the held-out teacher dataset"
+	$(PY) -m kdeval run --teacher smollm2-135m-instruct --model logit-kd=$(DEMO_OUT)/logit-kd --model text-kd=$(DEMO_OUT)/text-kd \
+		--data $$(cat $(DEMO_OUT)/heldout-dataset.txt) --max-new-tokens 64 --samples $(DEMO_EVAL_PROMPTS) --out $(DEMO_OUT)/eval
+	@echo "== 6/6 kdeval compare: REPORT.md and plots"
+	$(PY) -m kdeval compare $(DEMO_OUT)/eval --samples $(DEMO_EVAL_PROMPTS) --out $(DEMO_OUT)/report
+	@echo "== what it shows"
+	@grep -m1 '^Of ' $(DEMO_OUT)/report/REPORT.md || true
 	@echo "== where everything went"
 	@echo "   training teacher dataset:  $$(cat $(DEMO_OUT)/train-dataset.txt)"
 	@echo "   held-out teacher dataset:  $$(cat $(DEMO_OUT)/heldout-dataset.txt)"
-	@echo "   student checkpoint:        $(DEMO_OUT)/student (kd_config.json beside the weights)"
+	@echo "   students:                  $(DEMO_OUT)/logit-kd, $(DEMO_OUT)/text-kd (kd_config.json beside the weights)"
 	@echo "   evaluation:                $(DEMO_OUT)/eval/results.json"
 	@echo "   report:                    $(DEMO_OUT)/report/REPORT.md (+ PNG plots)"
 

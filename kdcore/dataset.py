@@ -68,9 +68,15 @@ def dig(d: dict, dotted: str) -> Any:
     return d
 
 
+# fields that joined the fingerprint with a later format version: a dataset of an earlier version was
+# keyed without them (its manifest does not have them), so they stay out of its key
+FINGERPRINT_FIELDS_SINCE = {"generation.quantization": 2}
+
+
 def fingerprint(manifest_core: dict) -> str:
     """Content key of a dataset: sha256 over `FINGERPRINT_FIELDS` of the manifest, first 16 hex."""
-    keyed = {name: dig(manifest_core, name) for name in FINGERPRINT_FIELDS}
+    version = manifest_core["format_version"]
+    keyed = {name: dig(manifest_core, name) for name in FINGERPRINT_FIELDS if version >= FINGERPRINT_FIELDS_SINCE.get(name, 0)}
     return sha256_hex(canonical_json(keyed))[:16]
 
 

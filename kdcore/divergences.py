@@ -9,12 +9,23 @@ those ids. Both sides become distributions over K categories:
   stored ``tail_logprobs`` when given (format v2, docs/FORMAT.md: exact where the teacher is
   confident, which 1 - sum of its rounded top-k is not; the k+1 buckets are then renormalised). Mass-preserving: the divergence is
   the exact divergence between the two distributions coarse-grained onto {top-k ids, everything
-  else} — a lower bound of the full-vocabulary one (data processing inequality).
+  else} — a lower bound of the full-vocabulary one (data processing inequality). DistillKit's
+  ``missing=SYMMETRIC_UNIFORM`` is the same loss at temperature 1.
+* ``tail="teacher_renorm"``, K = k: the **field's common top-k KD** — Axolotl's KD plugin default
+  and DistillKit's ``missing=ZERO``. The teacher is renormalised over its top-k; the student side is
+  its full-vocabulary log-softmax gathered at those ids and *not* renormalised, so the mass the
+  student puts outside the top-k still counts: for fkl the loss is ``sum_i t_i (log t_i - log s_i)``,
+  which equals renorm's value minus ``log S`` (S = the student's mass on the top-k; it pulls S to 1,
+  past the teacher's own top-k mass). The other divergences apply their formula as written to the
+  unnormalised student entries (as Axolotl's JSD/RKL over top-k do). With temperature the student is
+  tempered over the full vocabulary, ``log_softmax(z / tau)`` at the ids (the caller supplies it:
+  `sparse_kd_per_token`'s ``student_tempered``; `kdtrain.losses` does).
 * ``tail="renorm"``, K = k: both sides renormalised over the top-k ids (log-softmax over the k
-  entries). This is the common shortcut; it is biased (it ignores how much mass each side puts
-  outside the top-k) and is kept for comparison.
+  entries): Axolotl's opt-in ``kd_normalize_topk``. Biased in a worse way than teacher_renorm: it is
+  exactly invariant to how much mass the student puts outside the top-k, so that mass gets no
+  gradient at all (a student with 99% of its mass elsewhere can score 0). Kept as a baseline.
 
-Temperature ``tau`` is applied the same way to both sides, on the K bucket log-probs:
+Temperature ``tau`` is applied the same way to both sides (teacher_renorm's student: above), on the K bucket log-probs:
 ``log_softmax(logp / tau)``. For the top-k entries this is ordinary tempering of those entries
 relative to each other; **the tail bucket is tempered as if it were one token** (its mass m becomes
 m^(1/tau) before renormalising), whereas tempering the full vocabulary would raise every tail token
@@ -22,7 +33,8 @@ separately (sum p_j^(1/tau) >= m^(1/tau) for tau > 1). So at tau > 1 the tail ge
 full-vocabulary tempering would give it; at tau = 1 nothing changes. The divergence is multiplied
 by tau^2 (Hinton et al. 2015) so gradient magnitudes stay comparable across temperatures.
 
-Divergences (t = teacher, s = student, both [N, K] log-probs, each row a distribution):
+Divergences (t = teacher, s = student, both [N, K] log-probs, each row a distribution — except the
+student's under teacher_renorm, which sums to <= 1):
 
 ==========  =================================================================================
 fkl         KL(t || s)                         forward KL, mode-covering (standard KD)
@@ -61,7 +73,7 @@ from torch import Tensor
 
 DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "symkl")
 SAMPLED_RKL = "sampled_rkl"  # per-token estimator on the sampled token (student rows only)
-TAILS = ("bucket", "renorm")
+TAILS = ("bucket", "teacher_renorm", "renorm")
 LOG_FLOOR = -1.0e4  # exp(LOG_FLOOR) == 0 in float32: zero-probability entries contribute exactly 0
 TAIL_FLOOR = 1.0e-10
 LOGITS_BUDGET = 1 << 25  # float32 elements per [tile, V] logits tile, training and evaluation alike (128 MB)
@@ -98,7 +110,7 @@ def divergence(t: Tensor, s: Tensor, loss: str, alpha: float = 0.1, beta: float 
     """Per-row divergence between teacher and student.
 
     t: [N, K] teacher log-probs; s: [N, K] student log-probs (rows are distributions, entries
-    >= LOG_FLOOR). Returns [N].
+    >= LOG_FLOOR; under tail="teacher_renorm" the student's rows sum to <= 1). Returns [N].
     """
     if loss == "fkl":
         return _kl(t, s)
@@ -134,8 +146,8 @@ def bucket_logprobs(top: Tensor, tail: str, temperature: float, tail_logprob: Te
     tail_logprob: [N] log of the mass outside `top` when it is known exactly (a teacher dataset's
     `tail_logprobs`, dropped entries' mass included); None derives it as log(1 - sum(exp(top))),
     which loses a confident teacher's tail when `top` is rounded (issue 12).
-    returns: [N, k+1] for tail="bucket" (last column is the tail), [N, k] for tail="renorm";
-    each row a distribution, entries floored at LOG_FLOOR.
+    returns: [N, k+1] for tail="bucket" (last column is the tail), [N, k] for tail="renorm" and
+    "teacher_renorm" (the teacher side of both); each row a distribution, entries floored at LOG_FLOOR.
     """
     if tail == "bucket":
         if tail_logprob is None:
@@ -143,9 +155,9 @@ def bucket_logprobs(top: Tensor, tail: str, temperature: float, tail_logprob: Te
         else:
             rest = torch.clamp(tail_logprob.to(top.dtype)[:, None], min=math.log(TAIL_FLOOR), max=0.0)
         top = torch.cat([top, rest], dim=-1)
-    elif tail != "renorm":
+    elif tail not in TAILS:
         raise ValueError(f"unknown tail mode {tail!r}; choose one of {', '.join(TAILS)}")
-    if temperature != 1.0 or tail == "renorm" or tail_logprob is not None:
+    if temperature != 1.0 or tail != "bucket" or tail_logprob is not None:
         # a stored tail beside rounded top-k values sums to 1 only within their rounding: normalise,
         # so the divergence sees a distribution (the error goes to the big entries, not the tail)
         top = F.log_softmax(top / temperature, dim=-1)
@@ -153,19 +165,33 @@ def bucket_logprobs(top: Tensor, tail: str, temperature: float, tail_logprob: Te
 
 
 def sparse_kd_per_token(
-    student_topk: Tensor, teacher_topk: Tensor, spec: SparseKD, teacher_tail: Tensor | None = None
+    student_topk: Tensor,
+    teacher_topk: Tensor,
+    spec: SparseKD,
+    teacher_tail: Tensor | None = None,
+    student_tempered: Tensor | None = None,
 ) -> Tensor:
     """Per-token soft loss from gathered log-probs.
 
     student_topk: [N, k] student log-softmax (temperature 1) at the teacher's top-k ids.
     teacher_topk: [N, k] teacher log-probs (temperature 1), -inf for dropped entries.
     teacher_tail: [N] the teacher's stored tail log-prob (see `bucket_logprobs`), or None.
+    student_tempered: [N, k] the student's full-vocabulary ``log_softmax(z / temperature)`` at the
+        ids; only tail="teacher_renorm" at temperature != 1 reads it (and then needs it), because
+        that side is not a function of the temperature-1 top-k alone.
     returns: [N], already multiplied by temperature^2.
     """
-    student_topk = student_topk.masked_fill(torch.isneginf(teacher_topk), float("-inf"))
+    dropped = torch.isneginf(teacher_topk)
     dtype = torch.promote_types(teacher_topk.dtype, torch.float32)  # float64 stays float64 (evaluation)
     t = bucket_logprobs(teacher_topk.to(dtype), spec.tail, spec.temperature, teacher_tail)
-    s = bucket_logprobs(student_topk.to(dtype), spec.tail, spec.temperature)
+    if spec.tail == "teacher_renorm":
+        if spec.temperature != 1.0:
+            if student_tempered is None:
+                raise ValueError("tail='teacher_renorm' at temperature != 1 needs student_tempered")
+            student_topk = student_tempered
+        s = student_topk.to(dtype).masked_fill(dropped, float("-inf")).clamp(min=LOG_FLOOR)
+    else:
+        s = bucket_logprobs(student_topk.masked_fill(dropped, float("-inf")).to(dtype), spec.tail, spec.temperature)
     return divergence(t, s, spec.loss, spec.alpha, spec.beta) * spec.temperature**2
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import kdeval
 from kdeval.config import CompareConfig, validate_compare
+from kdeval.verdict import verdict
 from kdcore.errors import KdError
 from kdcore.io import now_iso, write_bytes_atomic
 
@@ -214,6 +215,7 @@ def write_report(results: dict, out: str, samples: int = 3) -> list[str]:
         "",
         "## Results",
         "",
+        *([verdict(models), ""] if verdict(models) else []),
         table(models),
         "",
         _bold_caption(models) + " KL is the sparse KL(teacher ‖ student) per token "

@@ -31,6 +31,7 @@ def upgrade(src: str, dest: str) -> str:
         raise KdError(f"{src} is already format v{codec.FORMAT_VERSION}; nothing to upgrade (copy it with `kdgen push`)")
     old = ds.manifest
     core = {key: old[key] for key in ("teacher", "tokenizer", "generation", "prompts")} | {"format_version": codec.FORMAT_VERSION}
+    core["generation"] = {"quantization": None, **core["generation"]}  # v1 knew only unquantized teachers
     fp = kds.fingerprint(core)
     fs, root = kio.open_fs(dest)
     if kds.read_manifest(fs, root) is not None:
@@ -52,6 +53,7 @@ def upgrade(src: str, dest: str) -> str:
     tokens, nbytes = sum(s["tokens"] for s in shards), sum(s["bytes"] for s in shards)
     manifest = {
         **old,
+        "generation": core["generation"],
         "format_version": codec.FORMAT_VERSION,
         "fingerprint": fp,
         "kdgen_version": kdgen.__version__,

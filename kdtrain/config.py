@@ -43,7 +43,7 @@ class TrainConfig(Documented):
     # the loss
     mode: str = _f("logit", "logit: sparse top-k KD (+ optional hard loss); text: SFT on the teacher's completions (any tokenizer pair).")
     loss: str = _f("fkl", "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl; or sampled_rkl: on rows the student sampled itself (`kdtrain onpolicy`), the per-token estimate log p_student(x) - log p_teacher(x) of the reverse KL on the sampled token x (needs the teacher's tokenizer; ignores --temperature and the top-k).")
-    tail: str = _f("bucket", "bucket: top-k plus one tail bucket holding the remaining mass (unbiased); renorm: renormalise the top-k (biased, for comparison).")
+    tail: str = _f("bucket", "bucket: top-k plus one tail bucket holding the remaining mass on both sides (mass-preserving; DistillKit SYMMETRIC_UNIFORM at T=1); teacher_renorm: teacher renormalised over its top-k, student full-vocabulary log-softmax at the ids (the field's common variant: Axolotl and DistillKit defaults); renorm: both sides renormalised over the top-k (Axolotl kd_normalize_topk; the student's mass outside the top-k gets no gradient).")
     train_top_k: int = _f(0, "Use only the N most likely of the stored top-k ids per position (0 = all k); the rest of their mass joins the tail bucket. Studies smaller k on one dataset.", aliases=("top_k",))
     kd_temperature: float = _f(1.0, "KD softening temperature, applied to both sides' bucket log-probs; the loss is scaled by T^2.", aliases=("temperature",))
     alpha: float = _f(0.1, "Skew weight of skl/srkl, in [0, 1): KL(p || a*p + (1-a)*q) (DistiLLM).")
@@ -118,7 +118,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.loss == SAMPLED_RKL and (cfg.mode != "logit" or cfg.kd_temperature != 1.0):
         p.append(f"--loss {SAMPLED_RKL}: needs --mode logit and --kd-temperature 1 (the estimator is of the temperature-1 reverse KL)")
     if cfg.tail not in TAILS:
-        p.append(f"--tail {cfg.tail}: choose {' or '.join(TAILS)}")
+        p.append(f"--tail {cfg.tail}: choose one of {', '.join(TAILS)}")
     if not (cfg.kd_temperature > 0 and cfg.kd_temperature <= 100):
         p.append(f"--kd-temperature {cfg.kd_temperature}: must be in (0, 100]")
     if not 0 <= cfg.alpha < 1:

@@ -68,6 +68,9 @@ class _FusedSparseKD(torch.autograd.Function):
         use_sampled = label_logprobs is not None and kd_weight != 0.0
         use_kd = kd_weight != 0.0 and topk_ids.shape[-1] > 0 and not use_sampled
         use_span = span_ids is not None and span_weight != 0.0
+        # teacher_renorm tempers the student over the full vocabulary: one more log-sum-exp, log_softmax(z/T)
+        tempered = use_kd and spec.tail == "teacher_renorm" and spec.temperature != 1.0
+        tau = spec.temperature
         w = weight
         for a, b in _tiles(n_tok, tile, span_ids if use_span else None):
             h = hidden[a:b]
@@ -76,6 +79,7 @@ class _FusedSparseKD(torch.autograd.Function):
                 raw = z
                 z = torch.tanh(raw / softcap) * softcap
             lse = torch.logsumexp(z, -1)  # [n]
+            lse_tau = torch.logsumexp(z / tau, -1) if tempered else None  # [n]
             lab = labels[a:b]
             z_lab = z.gather(1, lab[:, None]).squeeze(1)  # [n]
             # small graph over [n, k] quantities: its gradients give the whole [n, V] gradient
@@ -88,7 +92,9 @@ class _FusedSparseKD(torch.autograd.Function):
                     ids = topk_ids[a:b]
                     zk_l = z.gather(1, ids).detach().requires_grad_(True)
                     tail = teacher_tail[a:b] if teacher_tail is not None else None
-                    kd_tok = sparse_kd_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], spec, tail)
+                    lse_tau_l = lse_tau.detach().requires_grad_(True) if tempered else None
+                    s_tau = zk_l / tau - lse_tau_l[:, None] if tempered else None
+                    kd_tok = sparse_kd_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], spec, teacher_tail=tail, student_tempered=s_tau)
                     total = total + kd_weight * kd_tok.sum()
                     kd_sum += kd_tok.detach().sum()
                 if use_sampled:
@@ -99,20 +105,22 @@ class _FusedSparseKD(torch.autograd.Function):
                     span_tok = span_likelihood(-ce_tok, span_ids[a:b], span_logprobs, spec)
                     total = total + span_weight * span_tok.sum()
                     span_sum += span_tok.detach().sum()
-                if use_kd:
-                    g_lse, g_lab, g_k = torch.autograd.grad(total, (lse_l, zl_l, zk_l))
-                else:
-                    g_lse, g_lab = torch.autograd.grad(total, (lse_l, zl_l))
+                inputs = (lse_l, zl_l) + ((zk_l,) if use_kd else ()) + ((lse_tau_l,) if tempered else ())
+                g_lse, g_lab, *g_rest = torch.autograd.grad(total, inputs)
             ce_sum += ce_tok.detach().sum()
             if not (need_h or need_w):
                 continue
             # dL/dz = g_lse * softmax(z) + scatter(g at the gathered ids); built in place in z.
             # The gradient GEMMs run in float32 even under autocast (bf16 rounding biases them).
             with torch.autocast(hidden.device.type, enabled=False):
+                # teacher_renorm at T != 1: d lse(z/T) / dz = softmax(z/T) / T (before z is overwritten)
+                g_tau = (z / tau).sub_(lse_tau[:, None]).exp_().mul_(g_rest[1][:, None] / tau) if tempered else None
                 g = z.sub_(lse[:, None]).exp_().mul_(g_lse[:, None])
+                if tempered:
+                    g.add_(g_tau)
                 g.scatter_add_(1, lab[:, None], g_lab[:, None])
                 if use_kd:
-                    g.scatter_add_(1, ids, g_k)
+                    g.scatter_add_(1, ids, g_rest[0])
                 if softcap is not None:
                     g.mul_(1.0 - torch.tanh(raw / softcap).square_())
                 if need_h:

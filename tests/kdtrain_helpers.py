@@ -140,3 +140,29 @@ def other_tokenizer_model(out: Path) -> str:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+def temper(probs: torch.Tensor, tau: float) -> torch.Tensor:
+    x = probs.pow(1.0 / tau)
+    return x / x.sum(-1, keepdim=True)
+
+
+def dense_kd_reference(logits, teacher_logp, ids, labels, loss, tail, tau, ce_weight):
+    """The sparse top-k loss computed densely (tests/test_kdtrain_losses.py, test_kdgen_format_v2.py):
+    full softmax, then collapse onto the top-k ids (+ tail) and temper, in float64."""
+    q_full = logits.double().softmax(-1)
+    p_full = teacher_logp.double().exp()
+    p_top, q_top = p_full.gather(1, ids), q_full.gather(1, ids)
+    if tail == "teacher_renorm":  # Axolotl / DistillKit: student tempered over the full vocabulary, not renormalised
+        q_tau = (logits.double() / tau).softmax(-1).gather(1, ids)
+        kd = dense_divergence(temper(p_top / p_top.sum(-1, keepdim=True), tau), q_tau, loss) * tau**2
+        ce = -q_full.log().gather(1, labels[:, None]).squeeze(1)
+        return ce_weight * ce.sum() + kd.sum(), kd.sum()
+    if tail == "bucket":
+        p = torch.cat([p_top, (1 - p_top.sum(-1, keepdim=True)).clamp(min=1e-10)], -1)
+        q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=1e-10)], -1)
+    else:
+        p, q = p_top / p_top.sum(-1, keepdim=True), q_top / q_top.sum(-1, keepdim=True)
+    kd = dense_divergence(temper(p, tau), temper(q, tau), loss) * tau**2
+    ce = -q_full.log().gather(1, labels[:, None]).squeeze(1)
+    return ce_weight * ce.sum() + kd.sum(), kd.sum()

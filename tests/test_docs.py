@@ -32,3 +32,15 @@ def test_every_named_file_exists_and_nothing_points_outside(path):
     missing = [m for m in NAMED.findall(text) if not (REPO / m).exists()]
     assert missing == [], f"{path.relative_to(REPO)} names files that do not exist: {missing}"
     assert not OUTSIDE.search(text), f"{path.relative_to(REPO)} points outside the repository"
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures and helpers live in conftest.py and tests/*_helpers.py, not in test modules."""
+    import ast
+
+    crossings = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            crossings += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert crossings == []

@@ -112,6 +112,23 @@ def test_token_measures_by_hand():
     assert m["nll"] == pytest.approx([-logp[0, 0].item(), -logp[1, 2].item()], rel=1e-6)
 
 
+def test_token_measures_at_the_qwen_shape_drop_teacher_ids_beyond_the_student_rows():
+    """A Qwen-style padded teacher vocabulary (152,064 embedding rows) against a student with
+    151,936 rows: top-k ids past the student's rows join the tail bucket (kdtrain's rule) instead
+    of raising IndexError; the KL equals the one with those entries left out of the top-k."""
+    student_rows, teacher_rows = 151_936, 152_064
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(3, student_rows, generator=g) * 3, -1)
+    ids = torch.tensor([[5, teacher_rows - 1, 7], [student_rows, 9, student_rows - 1], [11, 12, 13]])
+    lps = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.4, 0.3, 0.1], [0.3, 0.2, 0.1]]))
+    m = token_measures(logp, torch.tensor([5, 9, 11]), ids, lps)
+    assert np.isfinite(m["kl"]).all()
+    for row, keep in enumerate([[0, 2], [1, 2], [0, 1, 2]]):
+        alone = sparse_kl(lps[row : row + 1, keep], logp[row : row + 1].gather(1, ids[row : row + 1, keep]))
+        assert m["kl"][row] == pytest.approx(alone.item(), rel=1e-9)
+    assert m["top1"].tolist() == [(logp[r].argmax() == ids[r, 0]).item() for r in range(3)]
+
+
 def test_memory_meter_sees_an_allocation():
     from kdeval.generate import MemoryMeter
 
@@ -132,3 +149,19 @@ def test_load_references(tmp_path):
     with pytest.raises(KdError, match="holds no references"):
         (tmp_path / "e.txt").write_text("\n")
         load_references(str(tmp_path / "e.txt"))
+
+
+def test_verdict_is_computed_from_the_numbers():
+    from kdeval.verdict import verdict
+
+    def model(name, role, kl, top1, rouge):
+        return {"name": name, "role": role, "eval_key": "e", "metrics": {"kl": kl, "top1": top1, "rougeL": rouge}}
+
+    teacher = model("teacher", "teacher", 0.0, 1.0, 1.0)
+    a, b = model("logit-kd", "student", 1.5, 0.6, 0.30), model("text-kd", "student", 2.5, 0.5, 0.35)
+    text = verdict([teacher, a, b])
+    assert "**logit-kd** is closest to the teacher by KL to the teacher (1.500 vs text-kd 2.500)" in text
+    assert "also leads on top-1 agreement (0.600 vs 0.500)" in text and "text-kd leads on ROUGE-L (0.350 vs 0.300)" in text
+    a["metrics"], b["metrics"] = b["metrics"], a["metrics"]  # swap the numbers: the sentence swaps
+    assert "**text-kd** is closest" in verdict([teacher, a, b])
+    assert verdict([teacher, a]) is None

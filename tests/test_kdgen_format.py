@@ -132,6 +132,7 @@ def fake_core(vocab: int, k: int, rows: list[codec.Row]) -> dict:
         "generation": {
             "kind": "generate", "backend": "hf", "engine_version": "transformers 0", "temperature": 0.7, "top_p": 0.95,
             "top_k": 0, "max_new_tokens": 30, "n": 1, "seed": 0, "k": k, "logprob_mode": "raw_logprobs_temperature_1",
+            "quantization": None,
         },
         "prompts": {
             "source": "fake.jsonl", "column": "messages", "count": len(rows), "duplicates_dropped": 0,

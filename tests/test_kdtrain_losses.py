@@ -1,5 +1,6 @@
 """Every sparse divergence against a naive dense reference on a small vocabulary (values and
-gradients), with the tail bucket, the renormalised variant, temperature and chunking."""
+gradients), with the three top-k modes (tail bucket, teacher-only renormalisation, both-sides
+renormalisation), temperature and chunking."""
 
 from __future__ import annotations
 
@@ -10,27 +11,9 @@ import torch
 
 from kdcore.divergences import DIVERGENCES, SparseKD
 from kdtrain.losses import fused_sparse_kd
-from kdtrain_helpers import ALPHA, BETA, dense_divergence
+from kdtrain_helpers import ALPHA, BETA, dense_divergence, dense_kd_reference
 
 V, H, N = 40, 8, 9
-def _temper(probs: torch.Tensor, tau: float) -> torch.Tensor:
-    x = probs.pow(1.0 / tau)
-    return x / x.sum(-1, keepdim=True)
-
-
-def _reference(logits, teacher_logp, ids, labels, loss, tail, tau, ce_weight):
-    """Dense: full softmax, then collapse onto the top-k ids (+ tail) and temper, in float64."""
-    q_full = logits.double().softmax(-1)
-    p_full = teacher_logp.double().exp()
-    p_top, q_top = p_full.gather(1, ids), q_full.gather(1, ids)
-    if tail == "bucket":
-        p = torch.cat([p_top, (1 - p_top.sum(-1, keepdim=True)).clamp(min=1e-10)], -1)
-        q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=1e-10)], -1)
-    else:
-        p, q = p_top / p_top.sum(-1, keepdim=True), q_top / q_top.sum(-1, keepdim=True)
-    kd = dense_divergence(_temper(p, tau), _temper(q, tau), loss) * tau**2
-    ce = -q_full.log().gather(1, labels[:, None]).squeeze(1)
-    return ce_weight * ce.sum() + kd.sum(), kd.sum()
 
 
 def _setup(k: int, seed: int = 0):
@@ -43,7 +26,7 @@ def _setup(k: int, seed: int = 0):
     return hidden, weight, teacher_logp, top.indices, top.values, labels
 
 
-CASES = [(loss, tail, k, tau) for loss in DIVERGENCES for (tail, k, tau) in [("bucket", V, 1.0), ("bucket", 6, 1.0), ("bucket", 6, 2.0), ("renorm", 6, 1.0), ("renorm", V, 1.5)]]
+CASES = [(loss, tail, k, tau) for loss in DIVERGENCES for (tail, k, tau) in [("bucket", V, 1.0), ("bucket", 6, 1.0), ("bucket", 6, 2.0), ("renorm", 6, 1.0), ("renorm", V, 1.5), ("teacher_renorm", 6, 1.0), ("teacher_renorm", 6, 2.0), ("teacher_renorm", V, 1.0)]]
 
 
 @pytest.mark.parametrize("loss,tail,k,tau", CASES)
@@ -54,7 +37,7 @@ def test_sparse_matches_dense_reference(loss, tail, k, tau):
     total, kd, ce = fused_sparse_kd(h1, w1, labels, ids, vals, spec, ce_weight=0.3, kd_weight=1.0, tile=4)
     total.backward()
     h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    ref_total, ref_kd = _reference(h2 @ w2.t(), teacher_logp, ids, labels, loss, tail, tau, 0.3)
+    ref_total, ref_kd = dense_kd_reference(h2 @ w2.t(), teacher_logp, ids, labels, loss, tail, tau, 0.3)
     ref_total.backward()
     assert kd.item() == pytest.approx(ref_kd.item(), rel=1e-4, abs=1e-5)
     assert total.item() == pytest.approx(ref_total.item(), rel=1e-4, abs=1e-5)
@@ -111,3 +94,18 @@ def test_chunking_does_not_change_the_result():
     for t, g in outs[1:]:
         torch.testing.assert_close(t, outs[0][0])
         torch.testing.assert_close(g, outs[0][1])
+
+
+def test_the_three_top_k_modes_on_a_student_with_its_mass_elsewhere():
+    """Same ratios on the top-k as the teacher, but 99% of the student's mass outside it: renorm
+    sees nothing (0), teacher_renorm is renorm - log S (Axolotl's default = DistillKit ZERO), bucket
+    the coarse-grained KL."""
+    from kdcore.divergences import sparse_kd_per_token
+
+    t = torch.log(torch.tensor([[0.6, 0.3]], dtype=torch.float64))
+    s = t + math.log(0.01)
+    val = {tail: sparse_kd_per_token(s, t, SparseKD(tail=tail)).item() for tail in ("renorm", "teacher_renorm", "bucket")}
+    assert val["renorm"] == pytest.approx(0.0, abs=1e-12)
+    assert val["teacher_renorm"] == pytest.approx(-math.log(0.009), rel=1e-9)  # sum_i t_i (log t_i - log s_i), t renormalised
+    p, q = [0.6, 0.3, 0.1], [0.006, 0.003, 0.991]
+    assert val["bucket"] == pytest.approx(sum(a * math.log(a / b) for a, b in zip(p, q)), rel=1e-9)
