@@ -48,7 +48,7 @@ test-fast: venv
 DEMO_LIMIT := $(if $(filter all,$(DEMO_PROMPTS)),,--limit $(DEMO_PROMPTS))
 # the student: the teacher with every fifth of its 30 blocks dropped (3, 8, ..., 28; the first and last kept)
 DEMO_LAYERS ?= 0,1,2,4,5,6,7,9,10,11,12,14,15,16,17,19,20,21,22,24,25,26,27,29
-DEMO_STEPS ?= 40
+DEMO_STEPS ?= 24
 DEMO_NEW_TOKENS ?= 128
 DEMO_TRAIN := --data $$(cat $(DEMO_OUT)/train-dataset.txt) --init-from-teacher $(DEMO_LAYERS) --max-steps $(DEMO_STEPS) \
 	--batch-size 4 --lr 1e-4 --logging-steps $$(( $(DEMO_STEPS) / 24 > 0 ? $(DEMO_STEPS) / 24 : 1 )) --save-steps 100000 --seed 0

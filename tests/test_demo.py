@@ -2,7 +2,7 @@
 students cut from it (24 of 30 blocks) are trained on the same teacher tokens — logit KD and text
 KD — and kdeval ranks them. Checks that both students answer the held-out prompts with text (the
 issue-14 failure: every student sample was empty) and that REPORT.md says in one sentence what the
-comparison shows. The demo's own budget (DEMO_STEPS=40 on 128 prompts) is in README.
+comparison shows. The demo's own budget (DEMO_STEPS=24 on 128 prompts) is in README.
 Run: `pytest -m slow tests/test_demo.py` (a few minutes on 2 cores).
 """
 
