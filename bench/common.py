@@ -108,3 +108,38 @@ def tiny_model(tokenizer, layers: int = 2, hidden: int = 64) -> str:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+def timed_train(trainer, warmup: int) -> dict:
+    """Run `trainer.train()` and measure it: median step time after `warmup` steps, every step,
+    this process's CPU time over train(), and memory (CUDA peak allocated on a GPU; else VmHWM —
+    not ru_maxrss, which Linux carries over exec, so every arm would report its parent's peak)."""
+    import statistics
+
+    import torch
+    from transformers import TrainerCallback
+
+    from kdeval.generate import current_rss, peak_rss
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer.add_callback(Clock())
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() / 2**20 if cuda else current_rss() / 2**20
+    cpu0 = time.process_time()
+    trainer.train()
+    cpu = time.process_time() - cpu0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss() / 2**20
+    return {
+        "step_s": statistics.median(times[warmup:]), "steps": times, "train_cpu_s": cpu, "peak_mb": peak, "base_mb": base,
+        "working_mb": peak - base, "memory": "cuda_allocated" if cuda else "rss",
+    }

@@ -29,7 +29,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("KD_QUIET", "1")
@@ -37,16 +36,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, scratch, tiny_model, write_result  # noqa: E402
+from bench.common import machine, scratch, timed_train, tiny_model, write_result  # noqa: E402
+from kdcore.io import now_iso  # noqa: E402
 from bench.train_speed import make_dataset, make_student  # noqa: E402
-from kdeval.generate import current_rss, peak_rss  # noqa: E402
 
 ARMS = ("sparse", "dense", "dense_ir")
 
 
 def arm(kind: str, url: str, student: str, teacher: str, ir_layers: str, out: str, batch: int, steps: int, warmup: int) -> dict:
-    import torch
-    from transformers import TrainerCallback
 
     from kdtrain.config import load_config
     from kdtrain.train import build_trainer
@@ -57,25 +54,7 @@ def arm(kind: str, url: str, student: str, teacher: str, ir_layers: str, out: st
     if kind == "dense_ir":
         flags |= {"ir_layers": ir_layers}
     trainer = build_trainer(load_config(None, flags))
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t0)
-
-    trainer.add_callback(Clock())
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() / 2**20 if cuda else current_rss() / 2**20
-    cpu0 = time.process_time()
-    trainer.train()
-    cpu = time.process_time() - cpu0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss() / 2**20
-    return {"arm": kind, "step_s": statistics.median(times[warmup:]), "steps": times, "train_cpu_s": cpu, "peak_mb": peak, "base_mb": base, "working_mb": peak - base}
+    return {"arm": kind, **timed_train(trainer, warmup)}
 
 
 def summarise(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
@@ -135,7 +114,7 @@ def main() -> None:
     med, ratios = summarise(runs)
     result = {
         "benchmark": "online",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now_iso(),
         "command": " ".join(["bench/online.py", *sys.argv[1:]]),
         "machine": machine(),
         "load_average_1min": [round(x, 2) for x in load],

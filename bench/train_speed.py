@@ -55,9 +55,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, results_path, scratch, tiny_model, write_result  # noqa: E402
+from bench.common import machine, results_path, scratch, timed_train, tiny_model, write_result  # noqa: E402
 from kdcore.io import now_iso  # noqa: E402
-from kdeval.generate import current_rss, peak_rss  # noqa: E402
 
 DENSE_TEACHER = "smollm2-135m-instruct"
 
@@ -102,7 +101,6 @@ def make_dataset(work: Path, n_rows: int, new_tokens: int, k: int) -> str:
 
     from kdcore import codec
     import kdcore.dataset as kds
-    import kdcore.io as kio
     from kdgen.generate import GenerateConfig, run
     from kdcore.models import resolve
     from kdcore.prompts import Prompt
@@ -147,7 +145,6 @@ def replicate_dataset(work: Path, source_url: str, min_tokens: int, shard_rows: 
     """
     from kdcore import codec
     import kdcore.dataset as kds
-    import kdcore.io as kio
     from kdcore.prompts import Prompt
 
     src = kds.TeacherDataset(source_url)
@@ -269,7 +266,7 @@ def gkd_args(sft_args, gkd_config_class):
 
 def arm(kind: str, url: str, student: str, out: str, batch: int, steps: int, warmup: int) -> dict:
     import torch
-    from transformers import TrainerCallback
+
 
     from kdtrain.config import load_config
     from kdcore.teacher_data import open_teacher_data
@@ -298,25 +295,7 @@ def arm(kind: str, url: str, student: str, out: str, batch: int, steps: int, war
             teacher = AutoModelForCausalLM.from_pretrained(resolve(DENSE_TEACHER).path, dtype=torch.float32)
             args = gkd_args(training_args(cfg), GKDConfig)
             trainer = GKDTrainer(teacher_model=teacher, args=args, **common)
-    times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t0)
-
-    trainer.add_callback(Clock())
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() / 2**20 if cuda else current_rss() / 2**20
-    trainer.train()
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so every arm would report the peak of
-    # the bench process that started it (7.4 GB after the reading part)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss() / 2**20
-    return {"arm": kind, "step_s": statistics.median(times[warmup:]), "steps": times, "peak_mb": peak, "base_mb": base, "working_mb": peak - base, "memory": "cuda_allocated" if cuda else "rss"}
+    return {"arm": kind, **timed_train(trainer, warmup)}
 
 
 def bench_steps(url: str, student: str, work: Path, batch: int, steps: int, warmup: int, reps: int) -> dict:
