@@ -26,12 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kdcore.artifacts import CARD, MANIFEST  # noqa: F401  (dataset paths are named here)
 from kdcore.codec import READABLE_VERSIONS, Batch, decode_any, parquet_bytes, schema, text_free_columns
 from kdcore.errors import KdError
 from kdcore.io import canonical_json, join, open_fs, sha256_hex, write_bytes_atomic
 
-MANIFEST = "manifest.json"
-CARD = "README.md"
 DATA_DIR = "data"
 SHARD_RE = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
 SHARD_PATH_RE = re.compile(rf"{DATA_DIR}/train-\d{{5}}-of-\d{{5}}\.parquet")

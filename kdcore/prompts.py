@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdcore.artifacts import MANIFEST
 from kdcore.errors import KdError
 from kdcore.io import canonical_json, sha256_hex
 
@@ -47,7 +48,7 @@ def read_records(path: Path, split: str) -> list[dict]:
     """Rows of a prompt file as dicts."""
     if not path.exists():
         raise KdError(f"--prompts {path}: no such file or directory")
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         return teacher_dataset_records(str(path))
     if path.is_dir():
         import datasets

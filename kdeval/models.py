@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdcore.artifacts import KD_CONFIG
 from kdcore.errors import KdError
 from kdcore.models import ResolvedModel, resolve
 
@@ -130,7 +131,7 @@ def count_parameters(model) -> int:
 
 
 def read_kd_config(path: str) -> dict | None:
-    f = Path(path) / "kd_config.json"
+    f = Path(path) / KD_CONFIG
     if not f.is_file():
         return None
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 import kdeval
 from kdeval.config import CompareConfig, validate_compare
 from kdeval.verdict import verdict
+from kdcore.artifacts import RESULTS
 from kdcore.errors import KdError
 from kdcore.io import now_iso, write_bytes_atomic
 
@@ -275,7 +276,7 @@ def write_json(path: str, obj: dict) -> None:
 
 def load_results(path: str) -> dict:
     p = Path(path)
-    f = p / "results.json" if p.is_dir() else p
+    f = p / RESULTS if p.is_dir() else p
     if not f.is_file():
         hint = f" (it holds {', '.join(sorted(x.name for x in p.iterdir())[:5]) or 'nothing'})" if p.is_dir() else ""
         raise KdError(f"{path}: no results.json{hint}; give the --out directory of a `kdeval run`")
@@ -328,6 +329,6 @@ def compare(cfg: CompareConfig) -> str:
     runs = [load_results(p) for p in cfg.runs]
     merged = merge(runs)
     os.makedirs(cfg.out, exist_ok=True)
-    write_json(os.path.join(cfg.out, "results.json"), merged)
+    write_json(os.path.join(cfg.out, RESULTS), merged)
     write_report(merged, cfg.out, cfg.samples)
     return cfg.out

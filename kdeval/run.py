@@ -25,6 +25,7 @@ from kdeval import quality
 from kdeval.config import CHUNK_MEASURES, FIDELITY_METRICS, METRICS, QUALITY_METRICS, TOKEN_MEASURES, EvalConfig, validate_eval
 from kdeval.models import EvalModel, count_parameters, load_weights, prepare, size_on_disk, unique_names
 from kdeval.report import write_json, write_report
+from kdcore.artifacts import RESULTS
 from kdcore.backends import SamplingConfig, default_backend, engine_version
 from kdcore.errors import KdError
 from kdcore.dataset import TeacherDataset
@@ -32,7 +33,6 @@ from kdcore.io import canonical_json, now_iso, sha256_hex
 from kdcore.progress import console, status
 from kdcore.prompts import Prompt, chat_template_of, encode_prompt, load_prompts
 
-RESULTS = "results.json"
 
 
 @dataclass

@@ -41,7 +41,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdcore.artifacts import IR_PROJECTION
 from kdcore.errors import KdError
+from kdcore.io import write_bytes_atomic
 from kdcore.prompts import encode_prompt, load_prompts, read_records
 from kdcore.teacher import tokenizer_identity
 from kdcore.teacher_data import TeacherData, same_tokenizer
@@ -49,7 +51,6 @@ from kdtrain.config import TrainConfig, parse_ir_layers
 from kdtrain.data import Prepared, sequence_examples, text_examples
 from kdtrain.dense import fused_dense_kd
 
-IR_FILE = "ir_projection.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -268,12 +269,11 @@ class OnlineTeacher:
         """ir_projection.safetensors in `folder` (atomic), when there is a projection."""
         if self.ir is None or self.ir.proj is None:
             return
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{IR_FILE}")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.ir.state_dict().items()}, tmp, metadata={"pairs": str(self.ir.pairs)})
-        os.replace(tmp, os.path.join(folder, IR_FILE))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.ir.state_dict().items()}
+        write_bytes_atomic(None, os.path.join(folder, IR_PROJECTION), save(tensors, metadata={"pairs": str(self.ir.pairs)}))
 
     def load_ir(self, folder: str) -> None:
         """Restore the projection from a checkpoint (KdError when it is missing or of another shape)."""
@@ -281,14 +281,14 @@ class OnlineTeacher:
             return
         from safetensors.torch import load_file
 
-        path = Path(folder) / IR_FILE
+        path = Path(folder) / IR_PROJECTION
         if not path.is_file():
-            raise KdError(f"resuming from {folder}: it holds no {IR_FILE} (a run without this --ir-layers map); use a new --out or --no-resume")
+            raise KdError(f"resuming from {folder}: it holds no {IR_PROJECTION} (a run without this --ir-layers map); use a new --out or --no-resume")
         state = load_file(str(path))
         try:
             self.ir.load_state_dict({k: v.to(self.ir.proj[0].weight.device) for k, v in state.items()})
         except RuntimeError as e:
-            raise KdError(f"resuming from {folder}: {IR_FILE} does not fit --ir-layers {self.ir.pairs} ({str(e).splitlines()[0]}); use a new --out") from None
+            raise KdError(f"resuming from {folder}: {IR_PROJECTION} does not fit --ir-layers {self.ir.pairs} ({str(e).splitlines()[0]}); use a new --out") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from kdcore.artifacts import KD_CONFIG
 from kdcore.errors import KdError
 from kdcore.dataset import TeacherDataset
 from kdcore.progress import console
@@ -55,7 +56,7 @@ class Stages:
         if rec is None:
             return None
         where = rec.get("dataset") or rec.get("checkpoint")
-        present = (Path(where) / "kd_config.json").is_file() if "checkpoint" in rec else _dataset_complete(where)
+        present = (Path(where) / KD_CONFIG).is_file() if "checkpoint" in rec else _dataset_complete(where)
         if not present:
             console.print(f"[yellow]note:[/] stage {name} was recorded complete but {where} is gone; redoing it")
             return None

@@ -34,7 +34,8 @@ from kdtrain.crosstok import CrossKDCollator, crosstok_examples
 from kdtrain.data import KDCollator, logit_examples, text_examples, to_hf_dataset
 from kdtrain.online import OnlineTeacher, online_examples, prompt_files
 from kdtrain.student import Student, build_student, teacher_spec
-from kdtrain.trainer import KD_CONFIG, KDLoss, KDTrainer, write_kd_config
+from kdcore.artifacts import KD_CONFIG
+from kdtrain.trainer import KDLoss, KDTrainer, write_kd_config
 
 
 def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> bool:

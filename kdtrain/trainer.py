@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import torch
 from trl import SFTTrainer
 
+from kdcore.artifacts import KD_CONFIG
 from kdcore.divergences import SparseKD
 from kdcore.io import write_bytes_atomic
 from kdtrain.losses import fused_kd_losses
 
-KD_CONFIG = "kd_config.json"
 
 
 @dataclass
@@ -69,7 +69,7 @@ class KDOutput:
 
 def teacher_tails(kd_targets: dict, mask: torch.Tensor, top_k: int) -> torch.Tensor | None:
     """[N] the teacher's stored tail log-prob at the masked positions (None without one: derived in
-    the loss). With --top-k N the entries after the N-th join the tail, as the loss's bucket would."""
+    the loss). With --train-top-k N the entries after the N-th join the tail, as the loss's bucket would."""
     if "tail_logprobs" not in kd_targets:
         return None
     tails = kd_targets["tail_logprobs"][:, 1:][mask].double()

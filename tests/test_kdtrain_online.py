@@ -211,7 +211,7 @@ def test_training_updates_the_projection_not_the_teacher(world, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, TrainerCallback
 
-    from kdtrain.online import IR_FILE
+    from kdcore.artifacts import IR_PROJECTION
     from kdtrain.train import build_trainer, save_final
 
     seen = {}
@@ -236,9 +236,9 @@ def test_training_updates_the_projection_not_the_teacher(world, tmp_path):
     for h in record["log_history"]:
         assert {"ce", "kd", "ir", "total"} <= h.keys()
         assert h["total"] == pytest.approx(0.2 * h["ce"] + 1.0 * h["kd"] + 2.0 * h["ir"], rel=1e-4)
-    saved = load_file(out / "checkpoint-2" / IR_FILE)
+    saved = load_file(out / "checkpoint-2" / IR_PROJECTION)
     torch.testing.assert_close(saved["proj.0.weight"], trainer.online.ir.proj[0].weight.detach())
-    assert (out / IR_FILE).exists()
+    assert (out / IR_PROJECTION).exists()
     assert load_file(out / "model.safetensors").keys() == load_file(Path(world["narrow"]) / "model.safetensors").keys()
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 32
 
@@ -248,7 +248,7 @@ def test_kill_and_resume_restores_the_projection(world, tmp_path):
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    from kdtrain.online import IR_FILE
+    from kdcore.artifacts import IR_PROJECTION
     from kdtrain.train import run
 
     out = tmp_path / "run"
@@ -261,7 +261,7 @@ def test_kill_and_resume_restores_the_projection(world, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run(cfg, callbacks=[Kill()])
-    saved = load_file(out / "checkpoint-2" / IR_FILE)["proj.0.weight"]
+    saved = load_file(out / "checkpoint-2" / IR_PROJECTION)["proj.0.weight"]
     seen = {}
 
     class Look(TrainerCallback):
