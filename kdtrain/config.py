@@ -42,12 +42,12 @@ class TrainConfig(Documented):
     out: str = _f("runs/student", "Output directory: checkpoints (checkpoint-N/) during training, the final HF checkpoint at the top.")
     # the loss
     mode: str = _f("logit", "logit: sparse top-k KD (+ optional hard loss); text: SFT on the teacher's completions (any tokenizer pair).")
-    loss: str = _f("fkl", "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl; or sampled_rkl: on rows the student sampled itself (`kdtrain onpolicy`), the per-token estimate log p_student(x) - log p_teacher(x) of the reverse KL on the sampled token x (needs the teacher's tokenizer; ignores --kd-temperature and the top-k).")
-    tail: str = _f("bucket", "bucket: top-k plus one tail bucket holding the remaining mass on both sides (mass-preserving; DistillKit SYMMETRIC_UNIFORM at T=1); teacher_renorm: teacher renormalised over its top-k, student full-vocabulary log-softmax at the ids (the field's common variant: Axolotl and DistillKit defaults); renorm: both sides renormalised over the top-k (Axolotl kd_normalize_topk; the student's mass outside the top-k gets no gradient).")
+    loss: str = _f(SparseKD.loss, "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl; or sampled_rkl: on rows the student sampled itself (`kdtrain onpolicy`), the per-token estimate log p_student(x) - log p_teacher(x) of the reverse KL on the sampled token x (needs the teacher's tokenizer; ignores --kd-temperature and the top-k).")
+    tail: str = _f(SparseKD.tail, "bucket: top-k plus one tail bucket holding the remaining mass on both sides (mass-preserving; DistillKit SYMMETRIC_UNIFORM at T=1); teacher_renorm: teacher renormalised over its top-k, student full-vocabulary log-softmax at the ids (the field's common variant: Axolotl and DistillKit defaults); renorm: both sides renormalised over the top-k (Axolotl kd_normalize_topk; the student's mass outside the top-k gets no gradient).")
     train_top_k: int = _f(0, "Use only the N most likely of the stored top-k ids per position (0 = all k); the rest of their mass joins the tail bucket. Studies smaller k on one dataset.", aliases=("top_k",))
-    kd_temperature: float = _f(1.0, "KD softening temperature, applied to both sides' bucket log-probs; the loss is scaled by T^2.", aliases=("temperature",))
-    alpha: float = _f(0.1, "Skew weight of skl/srkl, in [0, 1): KL(p || a*p + (1-a)*q) (DistiLLM).")
-    beta: float = _f(0.5, "JSD interpolation weight, in (0, 1): m = b*teacher + (1-b)*student.")
+    kd_temperature: float = _f(SparseKD.temperature, "KD softening temperature, applied to both sides' bucket log-probs; the loss is scaled by T^2.", aliases=("temperature",))
+    alpha: float = _f(SparseKD.alpha, "Skew weight of skl/srkl, in [0, 1): KL(p || a*p + (1-a)*q) (DistiLLM).")
+    beta: float = _f(SparseKD.beta, "JSD interpolation weight, in (0, 1): m = b*teacher + (1-b)*student.")
     kd_weight: float = _f(1.0, "Weight of the soft (KD) loss (logit mode).")
     ce_weight: float = _f(0.0, "Weight of the hard loss: cross-entropy on the teacher's sampled tokens (logit mode; text mode always uses 1). With a different student tokenizer: on the student's re-tokenisation of the teacher's text.")
     # online teacher (kdtrain.online): the teacher runs on each batch

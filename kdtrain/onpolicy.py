@@ -38,6 +38,7 @@ from kdcore.config import field_help
 from kdcore.errors import KdError, collect
 from kdcore.dataset import TeacherDataset
 from kdcore.progress import console
+from kdcore.divergences import SparseKD
 from kdtrain.config import LOSSES, load_config
 from kdtrain.stages import Stages, kdgen
 
@@ -62,8 +63,8 @@ class OnPolicyConfig:
     dtype: str = _f("auto", "Model dtype for sampling and scoring (kdgen --dtype).")
     gpu_memory_utilization: float | None = _f(None, "vLLM memory fraction for sampling and scoring (of RAM on CPU; kdgen's default when unset).")
     loss: str = _f("rkl", "Loss on the student's rows: rkl, srkl, jsd (top-k + tail bucket), sampled_rkl (log p_student(x) - log p_teacher(x) on the sampled token), or any kdtrain --loss.")
-    alpha: float = _f(0.1, "Skew weight of skl / srkl (DistiLLM).")
-    beta: float = _f(0.5, "JSD interpolation weight (GKD).")
+    alpha: float = _f(SparseKD.alpha, "Skew weight of skl / srkl (DistiLLM).")
+    beta: float = _f(SparseKD.beta, "JSD interpolation weight (GKD).")
     offpolicy_data: str | None = _f(None, "A teacher dataset (the teacher's own completions) to mix into every round; see --offpolicy-mix.")
     offpolicy_mix: float = _f(0.0, "Fraction of each round's rows drawn from --offpolicy-data (GKD's lambda is 1 minus this), in [0, 1).")
     offpolicy_loss: str = _f("fkl", "Loss on the off-policy rows (skl with --loss srkl: DistiLLM-2).")
