@@ -5,7 +5,7 @@ Data parallel runs N engine processes on this machine, each on its own tensor x 
 (`CUDA_VISIBLE_DEVICES`), each an ordinary `kdgen generate` on the same request and root. They split
 the shards through kd's shard claims (kdgen/locks.py) — the same mechanism that lets two machines
 share a bucket — and whichever finishes the last shard commits the manifest. vLLM's own
-`LLM(data_parallel_size=N)` refuses single-process use, and N independent engines is what vLLM
+engine refuses `data_parallel_size=N` in a single process, and N independent engines is what vLLM
 recommends for a dense teacher anyway. A worker that dies leaves its shard unwritten; the run
 fails naming it, and the same command resumes.
 

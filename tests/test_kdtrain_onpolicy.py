@@ -113,7 +113,7 @@ def test_sampled_rkl_matches_a_dense_reference():
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     empty = torch.zeros((n, 0), dtype=torch.long)
     total, kd_sum, _, _ = fused_kd_losses(
-        h2, w2, labels, empty, empty.double(), SparseKD(loss=SAMPLED_RKL), 0.0, 1.0, chunk=4, label_logprobs=teacher_lp
+        h2, w2, labels, empty, empty.double(), SparseKD(loss=SAMPLED_RKL), 0.0, 1.0, tile=4, label_logprobs=teacher_lp
     )
     total.backward()
     assert kd_sum.item() == pytest.approx(d.sum().item(), abs=1e-4)
@@ -169,9 +169,9 @@ def test_student_rows_carry_student_tokens_and_teacher_logprobs(world):
             direct = logp[p - 1 : -1]
             comp = torch.as_tensor(row["completion_ids"])
             # the sampled token's log-prob, stored even where it is outside the teacher's top-k
-            torch.testing.assert_close(torch.as_tensor(row["token_logprobs"]), direct.gather(1, comp[:, None])[:, 0], atol=2e-3, rtol=0)
+            torch.testing.assert_close(torch.as_tensor(row["token_logprobs"]), direct.gather(1, comp[:, None])[:, 0], atol=2e-3, rtol=1e-3)  # v2 rounds to 10 mantissa bits (2^-11 relative)
             top = direct.topk(8, -1)
-            torch.testing.assert_close(torch.as_tensor(row["topk_logprobs"]), top.values, atol=2e-3, rtol=0)
+            torch.testing.assert_close(torch.as_tensor(row["topk_logprobs"]), top.values, atol=2e-3, rtol=1e-3)
         outside = sum(int((torch.as_tensor(r["topk_ids"]) != torch.as_tensor(r["completion_ids"])[:, None]).all(1).sum()) for r in trows)
         assert outside > 0  # a random student samples tokens the teacher would not rank in its top 8
     assert Path(world["final"]) == Path(stages["round-1/train"]["checkpoint"])
@@ -279,6 +279,6 @@ def test_one_round_on_the_embedded_teacher(tmp_path):
             logp = torch.log_softmax(teacher(input_ids=ids).logits[0].float(), -1)
         p = len(row["prompt_ids"])
         direct = logp[p - 1 : -1].gather(1, torch.as_tensor(row["completion_ids"])[:, None])[:, 0]
-        torch.testing.assert_close(torch.as_tensor(row["token_logprobs"]), direct, atol=5e-3, rtol=0)
+        torch.testing.assert_close(torch.as_tensor(row["token_logprobs"]), direct, atol=5e-3, rtol=1e-3)  # vLLM vs hf, plus v2 rounding
     kd = json.loads((Path(stages["round-0/train"]["checkpoint"]) / "kd_config.json").read_text())
     assert kd["config"]["loss"] == SAMPLED_RKL and kd["global_step"] == 1
