@@ -59,7 +59,7 @@ def engine_values(rows) -> dict:
     topk = np.concatenate([r.topk_logprobs for r in rows])
     return {
         "topk": topk,
-        "token": np.concatenate([codec.sampled_logprobs(r) for r in rows]),
+        "token": np.concatenate([codec.checked_token_logprobs(r) for r in rows]),
         "tail_mass": np.exp(codec.tail_logprobs(topk)),
     }
 
@@ -195,7 +195,7 @@ def v2_variant(rows, vocab: int, k: int, float_type: str = "float32", bits: int 
     swaps = {
         "topk_ids": col(topk_ids, ids_t),
         "topk_logprobs": col(topk_lp, ftype),
-        "token_logprobs": pa.array(lp([codec.sampled_logprobs(r) for r in rows]), pa.list_(ftype)),
+        "token_logprobs": pa.array(lp([codec.checked_token_logprobs(r) for r in rows]), pa.list_(ftype)),
         "tail_logprobs": pa.array([codec.round_logprobs(codec.tail_logprobs(r.topk_logprobs), tail_bits) for r in rows], pa.list_(pa.float32())),
     }
     for name, arr in swaps.items():

@@ -28,6 +28,9 @@ COLUMNS = {  # what each v2 column means (docs/FORMAT.md has the full contract)
     "topk_ids": "[T][k] token ids of the teacher's k most likely next tokens per position, most likely first",
     "topk_logprobs": "[T][k] their log-probs (temperature 1, normalised over the full vocabulary, sorted descending)",
     "tail_logprobs": "[T] log of the probability mass outside the top-k: log(1 - sum(exp(topk_logprobs))); -inf = none",
+    "sampled_ids": "[T][U_t] the distinct token ids among N draws from the teacher's full distribution at temperature 1 per position (--sampled-targets N), most likely first",
+    "sampled_counts": "[T][U_t] how many of the N draws gave each id (they sum to N per position; count / N estimates the teacher's probability without bias)",
+    "sampled_logprobs": "[T][U_t] the teacher's log-prob of each sampled id (temperature 1, normalised over the full vocabulary)",
     "finish_reason": "`stop` (EOS) or `length`",
 }
 
@@ -94,7 +97,7 @@ def feature_entry(t: pa.DataType) -> dict:
 
 def header(manifest: dict) -> dict:
     """The card's YAML header: HF configs and dataset_info (features, split sizes)."""
-    sch = codec.schema(manifest["tokenizer"]["embedding_rows"], manifest["generation"]["k"])
+    sch = codec.schema(manifest["tokenizer"]["embedding_rows"], manifest["generation"]["k"], kds.sampled_targets(manifest))
     return {
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": f"{kds.DATA_DIR}/train-*.parquet"}]}],
         "dataset_info": {
@@ -107,7 +110,7 @@ def header(manifest: dict) -> dict:
 
 def card_text(manifest: dict) -> str:
     g, t = manifest["generation"], manifest["totals"]
-    sch = codec.schema(manifest["tokenizer"]["embedding_rows"], g["k"])
+    sch = codec.schema(manifest["tokenizer"]["embedding_rows"], g["k"], kds.sampled_targets(manifest))
     columns = "\n".join(f"| `{f.name}` | `{f.type}` | {COLUMNS[f.name]} |" for f in sch)
     body = BODY.format(
         fingerprint=manifest["fingerprint"],

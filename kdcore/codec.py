@@ -22,6 +22,11 @@ the physical choices below come from `bench/storage.py` (Parquet's own encodings
   the teacher is confident (issue 12: v1 decoded 8.5% of positions to "no tail"), which
   1 - sum(exp(topk_logprobs)) of rounded values is not (their absolute errors add up). -inf
   where the top-k holds all the mass to float precision.
+* sampled targets (`kdgen --sampled-targets N`, kdcore/sampled_targets.py), only in datasets made
+  with them: `sampled_ids` / `sampled_counts` / `sampled_logprobs`, list<list<>> [T][U_t] per row
+  (U_t distinct ids among position t's N draws; ragged, so the inner lists carry their lengths);
+  counts uint16 (they sum to N per position: the estimator needs nothing from elsewhere);
+  log-probs rounded like the top-k's.
 
 Run `pytest tests/test_kdgen_format.py` to exercise it.
 """
@@ -39,6 +44,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1 is read (kdcore.codec_v1), never written; `kdgen upgrade` rewrites it
 LOGPROB_MANTISSA_BITS = 10  # float32 keeps 23; 10 bits = float16's precision with float32's range
 TAIL_MANTISSA_BITS = 12  # tail log-probs: mass within 0.1% relative down to 1e-7 (contract: 1%)
+MAX_DRAWS = 65535  # --sampled-targets N: counts are stored as uint16
 
 # ----------------------------------------------------------------------------------------------
 # Schema and Parquet options
@@ -48,7 +54,11 @@ def id_type(vocab_rows: int) -> pa.DataType:
     return pa.uint16() if vocab_rows <= 65536 else pa.uint32()
 
 
-def schema(vocab_rows: int, k: int) -> pa.Schema:
+SAMPLED_COLUMNS = ("sampled_ids", "sampled_counts", "sampled_logprobs")
+
+
+def schema(vocab_rows: int, k: int, sampled_targets: int = 0) -> pa.Schema:
+    """The v2 schema; the three sampled-target columns only when `sampled_targets` (N) > 0."""
     ids = id_type(vocab_rows)
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     fields = [
@@ -62,9 +72,17 @@ def schema(vocab_rows: int, k: int) -> pa.Schema:
         pa.field("topk_ids", pa.list_(pa.list_(ids)), nullable=False),
         pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32())), nullable=False),
         pa.field("tail_logprobs", pa.list_(pa.float32()), nullable=False),
-        pa.field("finish_reason", pa.string(), nullable=False),
     ]
-    return pa.schema(fields, metadata={"kd.format_version": str(FORMAT_VERSION), "kd.k": str(k)})
+    metadata = {"kd.format_version": str(FORMAT_VERSION), "kd.k": str(k)}
+    if sampled_targets:
+        fields += [
+            pa.field("sampled_ids", pa.list_(pa.list_(ids)), nullable=False),
+            pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False),
+            pa.field("sampled_logprobs", pa.list_(pa.list_(pa.float32())), nullable=False),
+        ]
+        metadata["kd.sampled_targets"] = str(sampled_targets)
+    fields.append(pa.field("finish_reason", pa.string(), nullable=False))
+    return pa.schema(fields, metadata=metadata)
 
 
 def leaf_paths(field_: pa.Field, prefix: str = "") -> list[str]:
@@ -86,10 +104,10 @@ def _parquet_options() -> dict:
     uint16 is stored as INT32, a rounded float32 has zero low bytes: splitting gives those bytes
     streams of their own, which zstd removes almost for free); no embedded Arrow schema (the Parquet
     schema restores every type here, uint16 included, via its logical types)."""
-    sch = schema(2, 1)
+    sch = schema(2, 1, sampled_targets=1)
     leaves = {f.name: leaf_paths(f) for f in sch}
     numeric = [leaf for f in sch for leaf in leaves[f.name] if pa.types.is_list(f.type)]
-    heavy = ("topk_ids", "topk_logprobs")
+    heavy = ("topk_ids", "topk_logprobs") + SAMPLED_COLUMNS
     return dict(
         compression="zstd",
         compression_level={leaf: (9 if name in heavy else 3) for name, ls in leaves.items() for leaf in ls},
@@ -118,11 +136,21 @@ def encoding_info(vocab_rows: int) -> dict:
     }
 
 
+def _options_for(names: list[str]) -> dict:
+    """`PARQUET_OPTIONS` restricted to the columns of a table (the sampled-target ones are optional)."""
+    present = set(names)
+    keep = lambda leaf: leaf.split(".")[0] in present  # noqa: E731
+    out = dict(PARQUET_OPTIONS)
+    out["compression_level"] = {k: v for k, v in out["compression_level"].items() if keep(k)}
+    out["column_encoding"] = {k: v for k, v in out["column_encoding"].items() if keep(k)}
+    return out
+
+
 def parquet_bytes(table: pa.Table, options: dict | None = None) -> bytes:
     """One shard's Parquet file with `PARQUET_OPTIONS` (or `options`); the table's `kd.*` schema
     metadata is written as Parquet key-value metadata."""
     sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, table.schema, **(options or PARQUET_OPTIONS)) as writer:
+    with pq.ParquetWriter(sink, table.schema, **(options or _options_for(table.column_names))) as writer:
         writer.write_table(table)
         writer.add_key_value_metadata({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()})
     return sink.getvalue().to_pybytes()
@@ -170,6 +198,44 @@ def tail_logprobs(topk_logprobs: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class SampledTargets:
+    """One row's sampled targets, flat over its T positions.
+
+    lengths:  [T] int64, U_t = distinct ids drawn at position t (1 <= U_t <= N)
+    ids:      [sum U] int64, position t's ids are ids[o[t]:o[t+1]] (o = offsets()), most likely first
+    counts:   [sum U] int64, how many of the N draws gave each id (they sum to N per position)
+    logprobs: [sum U] float32, the teacher's log-prob of each id at temperature 1 (full vocabulary)
+    """
+
+    lengths: np.ndarray
+    ids: np.ndarray
+    counts: np.ndarray
+    logprobs: np.ndarray
+
+    def offsets(self) -> np.ndarray:
+        """[T + 1] int64 cut points of the flat arrays."""
+        out = np.zeros(len(self.lengths) + 1, np.int64)
+        np.cumsum(self.lengths, out=out[1:])
+        return out
+
+    def position(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, counts, logprobs) of position t."""
+        o = self.offsets()
+        return self.ids[o[t] : o[t + 1]], self.counts[o[t] : o[t + 1]], self.logprobs[o[t] : o[t + 1]]
+
+    @staticmethod
+    def empty() -> "SampledTargets":
+        return SampledTargets(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    @staticmethod
+    def concat(parts: list["SampledTargets"]) -> "SampledTargets":
+        """Positions of several pieces one after the other (e.g. one decode step each)."""
+        if not parts:
+            return SampledTargets.empty()
+        return SampledTargets(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("lengths", "ids", "counts", "logprobs")))
+
+
+@dataclass
 class Row:
     """One prompt x sample, as a backend produces it (the engine's values, before rounding)."""
 
@@ -184,6 +250,7 @@ class Row:
     topk_logprobs: np.ndarray  # [T, k] float32, sorted descending
     finish_reason: str
     tail_logprobs: np.ndarray | None = None  # [T] float32; None: computed from topk_logprobs
+    sampled: SampledTargets | None = None  # --sampled-targets: T positions of draws (else None)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -199,6 +266,13 @@ def _lists(arrays: list[np.ndarray], dtype, arrow_type: pa.DataType) -> pa.ListA
     return pa.ListArray.from_arrays(pa.array(_offsets(lengths)), pa.array(flat, type=arrow_type))
 
 
+def _ragged(values: list[np.ndarray], lengths: list[np.ndarray], dtype, arrow_type: pa.DataType) -> pa.ListArray:
+    """list<list<arrow_type>> from per-row flat values cut into positions of the given lengths."""
+    inner = pa.ListArray.from_arrays(pa.array(_offsets(np.concatenate(lengths) if lengths else np.zeros(0, np.int64))), _lists(values, dtype, arrow_type).values)
+    rows = np.fromiter((len(n) for n in lengths), dtype=np.int64, count=len(lengths))
+    return pa.ListArray.from_arrays(pa.array(_offsets(rows)), inner)
+
+
 def _nested(arrays: list[np.ndarray], k: int, dtype, arrow_type: pa.DataType) -> pa.ListArray:
     """list<list<arrow_type>> from per-row [T, k] arrays."""
     inner = _lists(arrays, dtype, arrow_type)  # flat T*k per row
@@ -208,7 +282,7 @@ def _nested(arrays: list[np.ndarray], k: int, dtype, arrow_type: pa.DataType) ->
     return pa.ListArray.from_arrays(pa.array(_offsets(rows)), positions)
 
 
-def sampled_logprobs(row: Row) -> np.ndarray:
+def checked_token_logprobs(row: Row) -> np.ndarray:
     """[T] float32 token log-probs, taken from the top-k entry wherever the sampled token is in the
     top-k, so the two columns agree bit for bit. Checks the engine invariant on the way: both come
     from one tensor, so a gap above 1e-3 nats means a broken backend (ValueError naming the row)."""
@@ -226,15 +300,22 @@ def sampled_logprobs(row: Row) -> np.ndarray:
     return lp
 
 
-def rows_to_table(rows: list[Row], vocab_rows: int, k: int) -> pa.Table:
-    """Rows -> an Arrow table in the v2 schema (vectorised over the batch)."""
-    sch = schema(vocab_rows, k)
+def rows_to_table(rows: list[Row], vocab_rows: int, k: int, sampled_targets: int = 0) -> pa.Table:
+    """Rows -> an Arrow table in the v2 schema (vectorised over the batch); with `sampled_targets`
+    = N > 0 every row must carry its `sampled` draws (N per position)."""
+    sch = schema(vocab_rows, k, sampled_targets)
     ids_np = np.uint16 if id_type(vocab_rows) == pa.uint16() else np.uint32
     ids_pa = id_type(vocab_rows)
     for r in rows:
         t = len(r.completion_ids)
         if np.shape(r.topk_ids) != (t, k) or np.shape(r.topk_logprobs) != (t, k) or len(r.token_logprobs) != t:
             raise ValueError(f"row {r.id}: per-token arrays disagree with T={t}, k={k}")
+        if sampled_targets:
+            d = r.sampled
+            if d is None or len(d.lengths) != t:
+                raise ValueError(f"row {r.id}: sampled targets missing or not one entry per completion token (T={t})")
+            if t and not (np.add.reduceat(d.counts, d.offsets()[:-1]) == sampled_targets).all():
+                raise ValueError(f"row {r.id}: sampled-target counts do not sum to N={sampled_targets} at every position")
     tails = [r.tail_logprobs if r.tail_logprobs is not None else tail_logprobs(r.topk_logprobs) for r in rows]
     columns = {
         "id": pa.array([r.id for r in rows], pa.string()),
@@ -243,12 +324,17 @@ def rows_to_table(rows: list[Row], vocab_rows: int, k: int) -> pa.Table:
         "prompt_ids": _lists([np.asarray(r.prompt_ids) for r in rows], ids_np, ids_pa),
         "completion": pa.array([r.completion for r in rows], pa.string()),
         "completion_ids": _lists([np.asarray(r.completion_ids) for r in rows], ids_np, ids_pa),
-        "token_logprobs": _lists([round_logprobs(sampled_logprobs(r)) for r in rows], np.float32, pa.float32()),
+        "token_logprobs": _lists([round_logprobs(checked_token_logprobs(r)) for r in rows], np.float32, pa.float32()),
         "topk_ids": _nested([np.asarray(r.topk_ids) for r in rows], k, ids_np, ids_pa),
         "topk_logprobs": _nested([round_logprobs(r.topk_logprobs) for r in rows], k, np.float32, pa.float32()),
         "tail_logprobs": _lists([round_logprobs(t, TAIL_MANTISSA_BITS) for t in tails], np.float32, pa.float32()),
-        "finish_reason": pa.array([r.finish_reason for r in rows], pa.string()),
     }
+    if sampled_targets:
+        lengths = [r.sampled.lengths for r in rows]
+        columns["sampled_ids"] = _ragged([r.sampled.ids for r in rows], lengths, ids_np, ids_pa)
+        columns["sampled_counts"] = _ragged([r.sampled.counts for r in rows], lengths, np.uint16, pa.uint16())
+        columns["sampled_logprobs"] = _ragged([round_logprobs(r.sampled.logprobs) for r in rows], lengths, np.float32, pa.float32())
+    columns["finish_reason"] = pa.array([r.finish_reason for r in rows], pa.string())
     return pa.Table.from_pydict(columns, schema=sch)
 
 
@@ -268,6 +354,8 @@ class Batch:
     tail_logprobs:  [sum T] float32, log of the mass outside the top-k (-inf: none)
     prompt_values:  [sum P] int64, row i's prompt ids are prompt_values[prompt_offsets[i]:prompt_offsets[i+1]]
     prompt_offsets: [rows + 1] int64
+    sampled:        sampled targets of all sum T positions (`SampledTargets`, ids int64), or None
+                    when the dataset has none
     """
 
     ids: list[str]
@@ -281,6 +369,7 @@ class Batch:
     prompt_offsets: np.ndarray
     completions: list[str] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
+    sampled: SampledTargets | None = None
 
     @property
     def num_rows(self) -> int:
@@ -307,7 +396,16 @@ class Batch:
             "tail_logprobs": self.tail_logprobs[a:b],
             "completion": self.completions[i] if self.completions else None,
             "finish_reason": self.finish_reasons[i] if self.finish_reasons else None,
+            "sampled": self.sampled_rows(a, b),
         }
+
+    def sampled_rows(self, a: int, b: int) -> SampledTargets | None:
+        """The sampled targets of positions a..b-1 (None without sampled targets)."""
+        if self.sampled is None:
+            return None
+        o = self.sampled.offsets()
+        s = self.sampled
+        return SampledTargets(s.lengths[a:b], s.ids[o[a] : o[b]], s.counts[o[a] : o[b]], s.logprobs[o[a] : o[b]])
 
     def to_rows(self) -> list[Row]:
         """The batch as `Row`s (text columns must have been read), e.g. to write it again."""
@@ -315,7 +413,7 @@ class Batch:
         for i in range(self.num_rows):
             r = self.row(i)
             out.append(Row(r["id"], None, None, r["prompt_ids"].tolist(), r["completion"], r["completion_ids"].tolist(),
-                           r["token_logprobs"], r["topk_ids"], r["topk_logprobs"], r["finish_reason"], r["tail_logprobs"]))
+                           r["token_logprobs"], r["topk_ids"], r["topk_logprobs"], r["finish_reason"], r["tail_logprobs"], r["sampled"]))
         return out
 
 
@@ -349,6 +447,15 @@ def decode_table(table: pa.Table | pa.RecordBatch, k: int, text: bool = True, id
     log-prob arrays are copies (writable: Arrow's buffers are read-only; the copy costs ~2% of a read)."""
     cids, offsets = flat_list(table["completion_ids"])
     pids, poff = flat_list(table["prompt_ids"])
+    sampled = None
+    if "sampled_ids" in table.column_names:  # made with --sampled-targets
+        ids_, per_pos = flat_list(pc.list_flatten(table["sampled_ids"]))
+        sampled = SampledTargets(
+            lengths=np.diff(per_pos),
+            ids=ids_.astype(np.int64),
+            counts=flat_list(pc.list_flatten(table["sampled_counts"]))[0].astype(np.int64),
+            logprobs=flat_list(pc.list_flatten(table["sampled_logprobs"]))[0].copy(),
+        )
     return Batch(
         ids=table["id"].to_pylist(),
         offsets=offsets,
@@ -361,12 +468,18 @@ def decode_table(table: pa.Table | pa.RecordBatch, k: int, text: bool = True, id
         prompt_offsets=poff,
         completions=table["completion"].to_pylist() if text else [],
         finish_reasons=table["finish_reason"].to_pylist() if text else [],
+        sampled=sampled,
     )
 
 
 def table_version(metadata: dict | None) -> int:
     """A shard's format version from its key-value metadata (`kd.format_version`)."""
     return int((metadata or {}).get(b"kd.format_version", b"1"))
+
+
+def table_sampled_targets(metadata: dict | None) -> int:
+    """A shard's N of sampled targets from its key-value metadata (`kd.sampled_targets`; 0 = none)."""
+    return int((metadata or {}).get(b"kd.sampled_targets", b"0"))
 
 
 def decode_any(table: pa.Table | pa.RecordBatch, k: int, text: bool = True, id_dtype: type = np.int64, metadata: dict | None = None) -> Batch:
@@ -379,10 +492,10 @@ def decode_any(table: pa.Table | pa.RecordBatch, k: int, text: bool = True, id_d
     return decode_table(table, k, text=text, id_dtype=id_dtype)
 
 
-def text_free_columns(version: int) -> list[str]:
+def text_free_columns(version: int, sampled_targets: int = 0) -> list[str]:
     """The columns a reader needs when it skips the text (`iter_batches(text=False)`)."""
     if version == 1:
         from kdcore import codec_v1
 
         return codec_v1.ARRAY_COLUMNS
-    return [c for c in schema(2, 1).names if c not in ("messages", "prompt", "completion", "finish_reason")]
+    return [c for c in schema(2, 1, sampled_targets).names if c not in ("messages", "prompt", "completion", "finish_reason")]

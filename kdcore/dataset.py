@@ -57,6 +57,7 @@ FINGERPRINT_FIELDS = (
     "generation.logprob_mode",
     "generation.kind",
     "generation.quantization",
+    "generation.sampled_targets",
     "prompts.content_hash",
 )
 
@@ -70,13 +71,44 @@ def dig(d: dict, dotted: str) -> Any:
 # fields that joined the fingerprint with a later format version: a dataset of an earlier version was
 # keyed without them (its manifest does not have them), so they stay out of its key
 FINGERPRINT_FIELDS_SINCE = {"generation.quantization": 2}
+# fields that joined within a format version: keyed only when they differ from the value every
+# dataset made before them had (absent from its manifest = that value), so no existing key changes
+# and a dataset made without the option keeps the key it always had
+FINGERPRINT_FIELDS_UNLESS = {"generation.sampled_targets": 0}
+
+
+def keyed_fields(manifest_core: dict) -> dict:
+    """The `FINGERPRINT_FIELDS` of a manifest that go into its key (name -> value)."""
+    version = manifest_core["format_version"]
+    keyed = {}
+    for name in FINGERPRINT_FIELDS:
+        if version < FINGERPRINT_FIELDS_SINCE.get(name, 0):
+            continue
+        if name in FINGERPRINT_FIELDS_UNLESS:
+            value = manifest_value(manifest_core, name)
+            if value != FINGERPRINT_FIELDS_UNLESS[name]:
+                keyed[name] = value
+            continue
+        keyed[name] = dig(manifest_core, name)
+    return keyed
+
+
+def manifest_value(manifest: dict, name: str) -> Any:
+    """A field of `FINGERPRINT_FIELDS_UNLESS`: its value, or the one it had before it existed."""
+    try:
+        return dig(manifest, name)
+    except KeyError:
+        return FINGERPRINT_FIELDS_UNLESS[name]
+
+
+def sampled_targets(manifest: dict) -> int:
+    """N of a dataset made with `--sampled-targets N` (0: none; also every dataset made before them)."""
+    return manifest_value(manifest, "generation.sampled_targets")
 
 
 def fingerprint(manifest_core: dict) -> str:
     """Content key of a dataset: sha256 over `FINGERPRINT_FIELDS` of the manifest, first 16 hex."""
-    version = manifest_core["format_version"]
-    keyed = {name: dig(manifest_core, name) for name in FINGERPRINT_FIELDS if version >= FINGERPRINT_FIELDS_SINCE.get(name, 0)}
-    return sha256_hex(canonical_json(keyed))[:16]
+    return sha256_hex(canonical_json(keyed_fields(manifest_core)))[:16]
 
 
 def row_id(prompt_hash: str, sample_index: int) -> str:
@@ -203,6 +235,7 @@ class TeacherDataset:
                 f"(reads v{', v'.join(map(str, READABLE_VERSIONS))}); upgrade kd"
             )
         self.k: int = manifest["generation"]["k"]
+        self.sampled_targets: int = sampled_targets(manifest)  # N of --sampled-targets, 0 = none
         self.fingerprint: str = manifest["fingerprint"]
 
     @property
@@ -228,12 +261,12 @@ class TeacherDataset:
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         """All shards as one Arrow table, as stored (v1 top-k columns are codes: use `iter_batches`)."""
         tables = [pq.read_table(p, columns=columns, filesystem=self.fs) for p in self.shard_paths()]
-        return pa.concat_tables(tables) if tables else schema(self.vocab_size, self.k).empty_table()
+        return pa.concat_tables(tables) if tables else schema(self.vocab_size, self.k, self.sampled_targets).empty_table()
 
     def iter_batches(self, batch_rows: int = 256, text: bool = True, id_dtype: type = np.int64) -> Iterator[Batch]:
         """Batches of arrays in shard order (a batch never spans two shards). `id_dtype`: the dtype
-        of `Batch.topk_ids`."""
-        cols = None if text else text_free_columns(self.version)
+        of `Batch.topk_ids`; `Batch.sampled` holds the sampled targets when the dataset has them."""
+        cols = None if text else text_free_columns(self.version, self.sampled_targets)
         for p in self.shard_paths():
             with self.fs.open(p, "rb") as f:
                 pf = pq.ParquetFile(f)

@@ -54,6 +54,10 @@ floored at ``TAIL_FLOOR`` (keeps the reverse KL finite when the top-k holds all 
 On a student's own samples (on-policy rows, issue 15) one more loss needs no top-k at all:
 ``sampled_rkl``, the per-token sampled estimator of the reverse KL, `sampled_rkl_per_token`.
 
+On random-sampled teacher targets (`kdgen --sampled-targets N`, RS-KD, Anshumann et al. 2025)
+`sampled_fkl_per_token` is the forward KL estimated from the draws: unbiased, with the
+full-vocabulary forward-KL gradient in expectation (kdcore/sampled_targets.py).
+
 Cross-tokenizer KD adds `span_likelihood`: the teacher's and the student's log-prob of the same
 text span (the alignment unit of `kdcore.align`) as two-bucket distributions, compared with the same
 divergence; `fused_kd_losses` computes it inside the same LM-head pass.
@@ -215,6 +219,25 @@ def span_likelihood(student_token_logprobs: Tensor, span_ids: Tensor, span_logpr
     s = student_token_logprobs.new_zeros(len(spans)).index_add(0, inverse, student_token_logprobs[keep])
     t = span_logprobs[spans].to(s.dtype)
     return sparse_kd_per_token(s[:, None], t[:, None], replace(spec, tail="bucket"))
+
+
+def sampled_fkl_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, weights: Tensor) -> Tensor:
+    """Forward KL estimated from random-sampled teacher targets (RS-KD, Anshumann et al. 2025).
+
+    With c_i of N draws from the teacher t on id i, t_hat_i = c_i / N is unbiased for t_i, so
+    sum_i t_hat_i (log t_i - log q_i) is an unbiased estimate of KL(t || q) over the full
+    vocabulary. Its gradient in the student's logits z is (sum_i t_hat_i) q_j - t_hat_j = q_j - t_hat_j,
+    whose expectation q_j - t_j is the full-vocabulary forward-KL gradient — where a top-k loss
+    leaves the tail unsupervised. Temperature 1 only (the draws are from the temperature-1 teacher).
+
+    student_logprobs: [N, U] the student's full-vocabulary log-softmax at the sampled ids.
+    teacher_logprobs: [N, U] the teacher's log-probs at those ids (any finite value where weight = 0).
+    weights: [N, U] t_hat = counts / N; 0 on padding (a position with fewer distinct ids).
+    returns: [N].
+    """
+    dtype = torch.promote_types(teacher_logprobs.dtype, torch.float32)
+    w = weights.to(dtype)
+    return (w * (teacher_logprobs.to(dtype) - student_logprobs.to(dtype))).sum(-1)
 
 
 def sampled_rkl_per_token(student_token_logprobs: Tensor, teacher_token_logprobs: Tensor) -> tuple[Tensor, Tensor]:

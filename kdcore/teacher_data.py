@@ -49,6 +49,7 @@ class TeacherData:
                 "teacher_weights_hash": d.manifest["teacher"]["weights_hash"],
                 "tokenizer_hash": d.manifest["tokenizer"]["tokenizer_hash"],
                 "k": d.k,
+                "sampled_targets": d.sampled_targets,
                 "rows": d.num_rows,
                 "tokens": d.num_tokens,
             }
@@ -76,6 +77,7 @@ def open_teacher_data(urls: list[str]) -> TeacherData:
                 )
         if ds.k != first.k:
             raise KdError(f"--data {ds.url} has k={ds.k} but --data {first.url} has k={first.k}; mixed datasets must share k")
+
     return TeacherData(opened)
 
 

@@ -3,7 +3,8 @@
 Invariants (docs/FORMAT.md): all per-token arrays have length T; top-k is [T, k]; log-probs
 <= 0, not NaN, and sorted; sum(exp(topk)) <= 1 + 1e-3 and sum(exp(topk)) + exp(tail) = 1 within
 5e-3; ids < vocab size; token_logprobs[t] equals the top-k entry of the sampled token when it is in
-the top-k. Plus: row ids unique, finish_reason valid, each shard in the manifest's format version,
+the top-k; with sampled targets, counts summing to N at every position, distinct ids < vocab size,
+log-probs <= 0 sorted descending. Plus: row ids unique, finish_reason valid, each shard in the manifest's format version,
 shard files exactly those the manifest lists, shard paths inside the dataset directory. Format v1
 datasets are checked through the v1 reader (kdcore/codec_v1.py).
 
@@ -25,16 +26,19 @@ import kdcore.io as kio
 from kdcore.errors import KdError
 
 
-def _shape_problems(table: pa.Table, k: int, version: int) -> list[str]:
-    """Per-token columns of length T, top-k of [T, k], in the shard's format version."""
+def _shape_problems(table: pa.Table, k: int, version: int, sampled_targets: int = 0) -> list[str]:
+    """Per-token columns of length T, top-k of [T, k], in the shard's format version; the
+    sampled-target columns present exactly when the dataset has them (N = `sampled_targets`)."""
     t_len = pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
     if version == 1:
         from kdcore.codec_v1 import COLUMN_LENGTHS
 
         per_token = {col: (k if width == "k" else width) for col, width in COLUMN_LENGTHS.items()}
     else:  # every list column but the prompt's holds one entry per completion token (top-k: a [k] list)
-        per_token = {f.name: 1 for f in codec.schema(2, 1) if pa.types.is_list(f.type) and f.name not in ("messages", "prompt_ids", "completion_ids")}
+        per_token = {f.name: 1 for f in codec.schema(2, 1, sampled_targets) if pa.types.is_list(f.type) and f.name not in ("messages", "prompt_ids", "completion_ids")}
     problems = []
+    if not sampled_targets and any(c in table.column_names for c in codec.SAMPLED_COLUMNS):
+        problems.append("sampled-target columns in a dataset made without --sampled-targets (the manifest has no generation.sampled_targets)")
     for col, width in per_token.items():
         if col not in table.column_names:
             problems.append(f"column {col} is missing (format v{version})")
@@ -44,13 +48,43 @@ def _shape_problems(table: pa.Table, k: int, version: int) -> list[str]:
         for col in ("topk_ids", "topk_logprobs"):
             if not codec.nested_lengths_ok(table[col], k):
                 problems.append(f"{col} is not [T, k={k}] for every row")
+        if sampled_targets:
+            u = pc.list_value_length(pc.list_flatten(table["sampled_ids"])).to_numpy(zero_copy_only=False)
+            for col in ("sampled_counts", "sampled_logprobs"):
+                if not np.array_equal(pc.list_value_length(pc.list_flatten(table[col])).to_numpy(zero_copy_only=False), u):
+                    problems.append(f"{col} does not hold one entry per sampled id at every position")
     return problems
 
 
-def check_table(table: pa.Table, k: int, vocab: int) -> list[str]:
-    """Problems with the rows of one shard, v2 or v1 (empty list when it keeps every invariant)."""
+def _sampled_problems(b: codec.Batch, n: int, vocab: int) -> list[str]:
+    """The sampled targets' invariants: counts sum to N, ids distinct and < vocab, log-probs <= 0."""
+    s, problems = b.sampled, []
+    if s is None or not len(s.lengths):
+        return problems
+    o = s.offsets()
+    if (s.lengths < 1).any() or (np.add.reduceat(s.counts, o[:-1]) != n).any() or (s.counts < 1).any():
+        problems.append(f"sampled_counts do not sum to N={n} (each >= 1) at every position")
+    if s.ids.max() >= vocab:
+        problems.append(f"sampled ids >= vocab size {vocab}")
+    if (s.logprobs > 0).any() or np.isnan(s.logprobs).any():
+        problems.append("positive or NaN sampled_logprobs")
+    same_position = np.diff(np.repeat(np.arange(len(s.lengths)), s.lengths)) == 0
+    if (np.diff(s.logprobs)[same_position] > 0).any():
+        problems.append("sampled_logprobs not sorted descending within a position")
+    pos = np.repeat(np.arange(len(s.lengths)), s.lengths).astype(np.int64)
+    if len(np.unique(pos * vocab + s.ids)) != len(s.ids):
+        problems.append("an id appears twice among one position's sampled ids")
+    return problems
+
+
+def check_table(table: pa.Table, k: int, vocab: int, sampled_targets: int | None = None) -> list[str]:
+    """Problems with the rows of one shard, v2 or v1 (empty list when it keeps every invariant);
+    `sampled_targets`: the dataset's N (`kdcore.dataset.sampled_targets(manifest)`); None takes the
+    shard's own `kd.sampled_targets`."""
     version = codec.table_version(table.schema.metadata)
-    problems = _shape_problems(table, k, version)
+    if sampled_targets is None:
+        sampled_targets = codec.table_sampled_targets(table.schema.metadata)
+    problems = _shape_problems(table, k, version, sampled_targets)
     if problems:
         return problems
     b = codec.decode_any(table, k, text=True)
@@ -81,6 +115,7 @@ def check_table(table: pa.Table, k: int, vocab: int) -> list[str]:
         outside = ~found
         if outside.any() and (b.token_logprobs[outside] > b.topk_logprobs[outside, -1] + 2e-3).any():
             problems.append("a sampled token outside the top-k has a higher log-prob than the k-th entry")
+    problems += _sampled_problems(b, sampled_targets, vocab)
     if len(b.prompt_ids) and max((p.max() for p in b.prompt_ids if p.size), default=0) >= vocab:
         problems.append(f"prompt ids >= vocab size {vocab}")
     bad = set(b.finish_reasons) - {"stop", "length"}
@@ -174,6 +209,9 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
         if codec.table_version(meta) != manifest["format_version"]:
             problems.append(f"{rel}: written in format v{codec.table_version(meta)}, the manifest says v{manifest['format_version']}")
             continue
+        if codec.table_sampled_targets(meta) != kds.sampled_targets(manifest):
+            problems.append(f"{rel}: written with --sampled-targets {codec.table_sampled_targets(meta)}, the dataset has {kds.sampled_targets(manifest)}")
+            continue
         own = meta.get(b"kd.fingerprint")
         if own is not None and own.decode() != manifest["fingerprint"]:
             problems.append(f"{rel}: rows of another dataset (its shard metadata says fingerprint {own.decode()}, this dataset is {manifest['fingerprint']})")
@@ -190,7 +228,7 @@ def verify(url: str, deep: bool = True) -> tuple[dict | None, list[str]]:
             problems.append(f"{rel}: {len(dup)} row id(s) also in another shard")
         seen_ids.update(ids)
         if deep:
-            problems += [f"{rel}: {p}" for p in check_table(table, k, vocab)]
+            problems += [f"{rel}: {p}" for p in check_table(table, k, vocab, kds.sampled_targets(manifest))]
     for extra in sorted(set(kds.list_shards(fs, path)) - names):
         problems.append(f"{kds.DATA_DIR}/{extra}: shard file not listed in the manifest (from another run or dataset?)")
     if not problems and manifest["generation"].get("kind") == "generate":

@@ -27,8 +27,9 @@ def _generate(kind: str):
     return go
 
 
-# flags of `generate` only (sampling and slicing) and of `score` only (the given completions)
-SAMPLING = ("temperature", "top_p", "top_k", "max_new_tokens", "n", "seed", "shard_index", "num_shards")
+# flags of `generate` only (sampling and slicing) and of `score` only (the given completions);
+# --seed serves both: it also seeds the --sampled-targets draws
+SAMPLING = ("temperature", "top_p", "top_k", "max_new_tokens", "n", "shard_index", "num_shards")
 SCALE_OUT = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "ray", "replicas")  # generate only, for now
 SCORING = ("completion_column", "append_eos")
 app.command("generate")(
@@ -94,7 +95,7 @@ def _size(n: int) -> str:
 @app.command()
 def info(dataset: str = typer.Argument(..., help="Dataset directory or URL (ROOT/<fingerprint>)."), as_json: bool = typer.Option(False, "--json")):
     """Teacher, prompts, rows, tokens, bytes/token, k and fingerprint of a dataset."""
-    from kdcore.dataset import TeacherDataset
+    from kdcore.dataset import TeacherDataset, sampled_targets
 
     m = TeacherDataset(dataset).manifest
     if as_json:
@@ -108,7 +109,7 @@ def info(dataset: str = typer.Argument(..., help="Dataset directory or URL (ROOT
         ("rows", f"{b['rows']:,}"),
         ("tokens", f"{b['tokens']:,}"),
         ("bytes/token", f"{b['bytes_per_token']}  ({_size(b['bytes'])} in {len(m['shards'])} shard(s))"),
-        ("k", str(g["k"])),
+        ("k", str(g["k"]) + (f"  (+ sampled targets: N={sampled_targets(m)} draws per token)" if sampled_targets(m) else "")),
         ("format", f"v{m['format_version']}" + (" (read-only: `kdgen upgrade` rewrites it as v2)" if m["format_version"] == 1 else "")),
         ("generation", f"{g['kind']} via {g['backend']} ({g['engine_version']}), T={g['temperature']} top_p={g['top_p']} max_new={g['max_new_tokens']} n={g['n']} seed={g['seed']}"),
         ("throughput", f"{m.get('tokens_per_s') or '-'} tokens/s, wall {m.get('wall_time_s')} s"),

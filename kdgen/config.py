@@ -13,6 +13,7 @@ from kdcore.backends import vllm_available
 from kdcore.config import doc_field as _f
 from kdcore.config import Documented, sampling_problems
 from kdcore.errors import collect
+from kdcore.codec import MAX_DRAWS
 from kdgen.scale import scale_problems
 
 
@@ -32,8 +33,9 @@ class GenerateConfig(Documented):
     top_k: int = _f(0, "Top-k sampling filter for the completions (0 = off); not the stored k.")
     max_new_tokens: int = _f(256, "Maximum completion length in tokens.")
     n: int = _f(1, "Samples per prompt.")
-    seed: int = _f(0, "Base seed; each row's seed is derived from it and the row id.")
+    seed: int = _f(0, "Base seed; each row's seed is derived from it and the row id. It seeds the completions' sampling and the --sampled-targets draws.")
     k: int = _f(20, "How many top log-probs to store per completion token (1..vocab).")
+    sampled_targets: int = _f(0, "Also store random-sampled targets (RS-KD, Anshumann et al. 2025): per completion token, N draws with replacement from the teacher's full distribution at temperature 1, seeded by --seed, kept as distinct ids, counts and teacher log-probs (sampled_* columns, docs/FORMAT.md); `kdtrain run --targets sampled` trains on them. 0 = off. Needs --backend hf (auto picks it).")
     chat_template: str = _f("auto", "auto: chat messages get the teacher's chat template, text is used raw; always: wrap text prompts as a user message.")
     shard_prompts: int = _f(128, "Prompts per shard (resume granularity). Not part of the fingerprint.")
     batch_size: int = _f(64, "Requests handed to the engine at once (progress updates per batch).")
@@ -77,6 +79,12 @@ def validate(cfg: GenerateConfig, kind: str) -> None:
         problems.append(f"--n {cfg.n}: must be >= 1")
     if cfg.k < 1:
         problems.append(f"--k {cfg.k}: top-k must be between 1 and the teacher vocab")
+    if not 0 <= cfg.sampled_targets <= MAX_DRAWS:
+        problems.append(f"--sampled-targets {cfg.sampled_targets}: draws per position must be between 1 and {MAX_DRAWS} (0 = off)")
+    if cfg.sampled_targets and cfg.backend in ("vllm", "server"):
+        # measured on CPU (README "Sampled targets"): vLLM returns the full vocabulary only as Python
+        # lists of vocab+1 entries per token, 18x slower scoring on SmolLM2; the server sends them as JSON
+        problems.append(f"--sampled-targets needs the teacher's full distribution at every position, which only --backend hf computes in place; use --backend hf (or auto)")
     if cfg.chat_template not in ("auto", "always"):
         problems.append(f"--chat-template {cfg.chat_template}: choose auto or always")
     if cfg.shard_prompts < 1 or cfg.batch_size < 1:

@@ -147,7 +147,7 @@ def _write_shards(job: Job, work: "Work", shards: list[range], mine: list[int]) 
                             rows = work.rows_for(shards[i], bar)
                             if claim.lost:
                                 raise KdError(f"lost the claim on {name} to another process (this one stalled for minutes); run the command again")
-                            table = codec.rows_to_table(rows, job.teacher.embedding_rows, job.cfg.k)
+                            table = codec.rows_to_table(rows, job.teacher.embedding_rows, job.cfg.k, job.cfg.sampled_targets)
                             kds.write_shard(job.fs, job.dataset_dir, name, table, job.fingerprint)
                         else:
                             bar.advance(expected, 0)
@@ -202,7 +202,7 @@ class Work:
             )
             backend_name, options, max_len = engine_settings(job, longest)
             with status(f"starting the {backend_name} engine on {job.teacher.model.path}"):
-                self.backend = make_backend(backend_name, job.teacher.model.path, job.teacher.dtype, cfg.k, max_len, options)
+                self.backend = make_backend(backend_name, job.teacher.model.path, job.teacher.dtype, cfg.k, max_len, options, cfg.sampled_targets)
         return self.backend
 
     def rows_for(self, prompt_indices: range, bar: RowProgress) -> list[codec.Row]:
@@ -248,6 +248,7 @@ class Work:
                     topk_ids=o.topk_ids,
                     topk_logprobs=o.topk_logprobs,
                     finish_reason=o.finish_reason,
+                    sampled=o.sampled,
                 )
             toks = sum(len(o.completion_ids) for o in outs)
             self.gen_tokens += toks

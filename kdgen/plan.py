@@ -52,8 +52,10 @@ def generation_info(cfg: GenerateConfig, backend: str, kind: str) -> dict:
         "top_k": 0 if greedy else cfg.top_k,
         "max_new_tokens": 0 if kind == "score" else cfg.max_new_tokens,
         "n": 1 if kind == "score" else cfg.n,
-        "seed": 0 if greedy else cfg.seed,
+        # the seed changes the rows when anything is drawn: the completions, or the sampled targets
+        "seed": 0 if greedy and not cfg.sampled_targets else cfg.seed,
         "k": cfg.k,
+        "sampled_targets": cfg.sampled_targets,
         "logprob_mode": "raw_logprobs_temperature_1",
         "quantization": engine_options.numerics(cfg.quantization, cfg.engine_arg),
         **({"server_url": cfg.server_url} if cfg.backend == "server" else {}),
@@ -114,7 +116,7 @@ def read_request(cfg: GenerateConfig, kind: str) -> tuple[list[Prompt], dict]:
 
 def manifest_core(cfg: GenerateConfig, kind: str, teacher_info: dict, tokenizer_info: dict, prompt_info: dict) -> dict:
     """What the fingerprint is computed from (kdcore.dataset.FINGERPRINT_FIELDS picks from it)."""
-    backend = default_backend() if cfg.backend == "auto" else cfg.backend
+    backend = default_backend(full_distribution=cfg.sampled_targets > 0) if cfg.backend == "auto" else cfg.backend
     if backend == "server":  # a vLLM engine behind HTTP: the same rows as in-process, so the same key
         backend = "vllm"
     return {

@@ -93,7 +93,7 @@ class ShardWriter:
             rows = self.work.rows_for(block, counter)
             if claim.lost:
                 raise KdError(f"lost the claim on {name} to another process; run the command again")
-            table = codec.rows_to_table(rows, job.teacher.embedding_rows, job.cfg.k)
+            table = codec.rows_to_table(rows, job.teacher.embedding_rows, job.cfg.k, job.cfg.sampled_targets)
             kds.write_shard(job.fs, job.dataset_dir, name, table, job.fingerprint)
         finally:
             claim.release()

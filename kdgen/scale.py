@@ -58,7 +58,7 @@ def scale_problems(cfg) -> list[str]:
     if cfg.server_timeout <= 0:
         problems.append(f"--server-timeout {cfg.server_timeout}: must be > 0 seconds")
     problems += engine_options.engine_arg_problems(cfg.engine_arg)
-    backend = default_backend() if cfg.backend == "auto" else cfg.backend
+    backend = default_backend(full_distribution=cfg.sampled_targets > 0) if cfg.backend == "auto" else cfg.backend
     if backend == "hf":
         for name in VLLM_ONLY:
             if _set(cfg, name):

@@ -134,7 +134,7 @@ def copy_dataset(src: str, dest: str, on_shard=None) -> CopyReport:
 
 def _settings(manifest: dict) -> dict:
     """Everything in the fingerprint except the prompt set."""
-    return {name: kds.dig(manifest, name) for name in kds.FINGERPRINT_FIELDS if not name.startswith("prompts.")}
+    return {name: v for name, v in kds.keyed_fields(manifest).items() if not name.startswith("prompts.")}
 
 
 class RowReuse:
@@ -184,7 +184,7 @@ class RowReuse:
         rows: dict[str, codec.Row] = {}
         if kio.sha256_hex(data) == entry["sha256"]:  # a damaged shard gives nothing: its rows are generated
             table = pq.read_table(pa.BufferReader(data))
-            b = codec.decode_any(table, m["generation"]["k"])
+            b = codec.decode_any(table, m["generation"]["k"])  # sampled targets too, when the dataset has them
             rows = {r.id: r for r in b.to_rows()}  # tail_logprobs kept as stored: exact, not re-derived
         if len(self._cache) >= 4:
             self._cache.pop(next(iter(self._cache)))

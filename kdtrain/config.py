@@ -27,6 +27,7 @@ from kdcore.vocab_map import VOCAB_MATCH
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 MODES = ("logit", "text")
+TARGETS = ("topk", "sampled")
 OVERFLOW = ("truncate", "refuse")
 LOSSES = DIVERGENCES + (SAMPLED_RKL,)
 
@@ -44,6 +45,7 @@ class TrainConfig(Documented):
     mode: str = _f("logit", "logit: sparse top-k KD (+ optional hard loss); text: SFT on the teacher's completions (any tokenizer pair).")
     loss: str = _f(SparseKD.loss, "Divergence: fkl, rkl, skl (skew KL), srkl (skew reverse KL), jsd, tvd, symkl; or sampled_rkl: on rows the student sampled itself (`kdtrain onpolicy`), the per-token estimate log p_student(x) - log p_teacher(x) of the reverse KL on the sampled token x (needs the teacher's tokenizer; ignores --kd-temperature and the top-k).")
     tail: str = _f(SparseKD.tail, "bucket: top-k plus one tail bucket holding the remaining mass on both sides (mass-preserving; DistillKit SYMMETRIC_UNIFORM at T=1); teacher_renorm: teacher renormalised over its top-k, student full-vocabulary log-softmax at the ids (the field's common variant: Axolotl and DistillKit defaults); renorm: both sides renormalised over the top-k (Axolotl kd_normalize_topk; the student's mass outside the top-k gets no gradient).")
+    targets: str = _f("topk", "Which teacher targets logit mode learns from: topk (the stored top-k, with --tail) or sampled (the random-sampled targets of a dataset made with `kdgen --sampled-targets N`: forward KL estimated from the draws, counts/N as the teacher's probabilities — unbiased, the full-vocabulary gradient in expectation; RS-KD, Anshumann et al. 2025; needs --loss fkl and --kd-temperature 1).")
     train_top_k: int = _f(0, "Use only the N most likely of the stored top-k ids per position (0 = all k); the rest of their mass joins the tail bucket. Studies smaller k on one dataset.", aliases=("top_k",))
     kd_temperature: float = _f(SparseKD.temperature, "KD softening temperature, applied to both sides' bucket log-probs; the loss is scaled by T^2.", aliases=("temperature",))
     alpha: float = _f(SparseKD.alpha, "Skew weight of skl/srkl, in [0, 1): KL(p || a*p + (1-a)*q) (DistiLLM).")
@@ -117,6 +119,16 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"--loss {cfg.loss}: unknown loss; choose one of {', '.join(LOSSES)}")
     if cfg.loss == SAMPLED_RKL and (cfg.mode != "logit" or cfg.kd_temperature != 1.0):
         p.append(f"--loss {SAMPLED_RKL}: needs --mode logit and --kd-temperature 1 (the estimator is of the temperature-1 reverse KL)")
+    if cfg.targets not in TARGETS:
+        p.append(f"--targets {cfg.targets}: choose {' or '.join(TARGETS)}")
+    if cfg.targets == "sampled":
+        # the estimator is of the temperature-1 forward KL (kdcore.divergences.sampled_fkl_per_token)
+        if cfg.loss != "fkl" or cfg.kd_temperature != 1.0:
+            p.append(f"--targets sampled: needs --loss fkl and --kd-temperature 1 (the draws estimate the temperature-1 forward KL); got --loss {cfg.loss} --kd-temperature {cfg.kd_temperature}")
+        if cfg.mode != "logit" or cfg.online:
+            p.append("--targets sampled: needs --mode logit without --online (it trains on a dataset's stored draws)")
+        if cfg.train_top_k:
+            p.append(f"--train-top-k {cfg.train_top_k}: applies to --targets topk; leave it at 0 with --targets sampled")
     if cfg.tail not in TAILS:
         p.append(f"--tail {cfg.tail}: choose one of {', '.join(TAILS)}")
     if not (cfg.kd_temperature > 0 and cfg.kd_temperature <= 100):

@@ -14,6 +14,11 @@ no per-row Python objects):
                                              the mass of those -inf entries folded in)
     token_logprobs [sum T] float32           `--loss sampled_rkl` only: the teacher's log-prob of
                                              each completion token (student rows, issue 15)
+    target_weights [sum T, U] float32        `--targets sampled` only: topk_ids / topk_logprobs then
+                                             hold each position's random-sampled ids and teacher
+                                             log-probs ([sum T, U], U = most distinct ids at any
+                                             position, padded), these their counts / N (0 on
+                                             padding); no tail_logprobs
 
 Teacher arrays are aligned with *labels*: completion token j sits at position P + j, and its top-k
 row is the teacher's distribution for that token (predicted from position P + j - 1). The trainer
@@ -25,7 +30,7 @@ arrays directly: HF's per-row numpy formatting would cap loading at a few 100k t
 `KDCollator` pads a batch of rows into
     input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 on prompt and padding),
     topk_ids [B, L, k] int32, topk_logprobs [B, L, k] and tail_logprobs [B, L] float32 (zeros off the completion),
-    token_logprobs [B, L] float32 when the examples carry them.
+    token_logprobs [B, L] float32 and target_weights [B, L, k] float32 when the examples carry them.
 
 Test: `pytest tests/test_kdtrain_train.py`.
 """
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kdcore.codec import SampledTargets
 from kdcore.errors import KdError
 from kdcore.teacher_data import TeacherData, encode_prompts, encode_texts
 
@@ -57,10 +63,12 @@ class Prepared:
     tail_logprobs: np.ndarray | None = None
     tok_offsets: np.ndarray | None = None
     token_logprobs: np.ndarray | None = None
+    target_weights: np.ndarray | None = None
     rows_in: int = 0
     truncated: int = 0
     dropped: int = 0
     dropped_topk_entries: int = 0
+    dropped_sampled_entries: int = 0
     beyond_vocab: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -86,6 +94,8 @@ class Prepared:
                 out["tail_logprobs"] = self.tail_logprobs[c:d]
             if self.token_logprobs is not None:
                 out["token_logprobs"] = self.token_logprobs[c:d]
+            if self.target_weights is not None:
+                out["target_weights"] = self.target_weights[c:d]
         return out
 
 
@@ -117,17 +127,42 @@ def _rows_with(values: np.ndarray, offsets: np.ndarray, limit: int) -> np.ndarra
     return np.bincount(row_of[values >= limit], minlength=rows) > 0
 
 
+def padded_sampled(s: SampledTargets, positions: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first `positions` positions of sampled targets as padded arrays (ids, teacher log-probs,
+    weights = counts / n), each [positions, U] with U the most distinct ids at one of them; padding
+    entries have id 0, log-prob 0 and weight 0."""
+    lengths = s.lengths[:positions]
+    width = int(lengths.max()) if positions else 0
+    o = s.offsets()
+    pos = np.repeat(np.arange(positions), lengths)
+    col = np.arange(o[positions]) - np.repeat(o[:positions], lengths)
+    ids = np.zeros((positions, width), np.int32)
+    lps = np.zeros((positions, width), np.float32)
+    w = np.zeros((positions, width), np.float32)
+    ids[pos, col] = s.ids[: o[positions]]
+    lps[pos, col] = s.logprobs[: o[positions]]
+    w[pos, col] = s.counts[: o[positions]] / n
+    return ids, lps, w
+
+
+def _pad_width(parts: list[np.ndarray], width: int) -> np.ndarray:
+    """[n_i, u_i] blocks -> one [sum n_i, width] array, zero-padded on the right."""
+    return np.concatenate([np.pad(x, ((0, 0), (0, width - x.shape[1]))) for x in parts])
+
+
 def logit_examples(
-    data: TeacherData, max_length: int, overflow: str, student_rows: int, limit: int | None = None, token_logprobs: bool = False
+    data: TeacherData, max_length: int, overflow: str, student_rows: int, limit: int | None = None, token_logprobs: bool = False,
+    sampled: bool = False,
 ) -> Prepared:
     """Rows -> examples with teacher top-k arrays (vectorised per read batch: no loop over rows).
+    `sampled`: the dataset's random-sampled targets in place of the top-k (`target_weights`, above).
 
     Where a batch keeps every token (no truncation, nothing dropped) its teacher arrays are taken
     as they were decoded, not copied through a mask; `tests/test_kdtrain_train.py` checks the result
     against a row-by-row reference.
     """
     k = data.k
-    parts: dict[str, list] = {"seqs": [], "seq_len": [], "start": [], "t_len": [], "ids": [], "lps": [], "tails": [], "tok": []}
+    parts: dict[str, list] = {"seqs": [], "seq_len": [], "start": [], "t_len": [], "ids": [], "lps": [], "tails": [], "tok": [], "w": []}
     out = Prepared()
     remaining = limit
     for ds in data.datasets:
@@ -157,7 +192,14 @@ def logit_examples(
                 ids, lps, tails = b.topk_ids[tok], b.topk_logprobs[tok], b.tail_logprobs[tok]
             if token_logprobs:
                 parts["tok"].append(b.token_logprobs[tok].astype(np.float32, copy=False))
-            if ids.size and ids.max() >= student_rows:
+            if sampled:
+                ids, lps, w = (x[tok] for x in padded_sampled(b.sampled, n_tok, ds.sampled_targets))
+                bad = ids >= student_rows  # drawn ids in padded teacher rows: no student logit to pull
+                if bad.any():
+                    out.dropped_sampled_entries += int(bad.sum())
+                    ids, lps, w = np.where(bad, 0, ids), np.where(bad, 0.0, lps).astype(np.float32), np.where(bad, 0.0, w).astype(np.float32)
+                parts["w"].append(w)
+            elif ids.size and ids.max() >= student_rows:
                 # teacher ids in padded embedding rows the student lacks: their mass joins the tail
                 bad = ids >= student_rows
                 out.dropped_topk_entries += int(bad.sum())
@@ -184,9 +226,14 @@ def logit_examples(
         out.seq_offsets = lengths_to_offsets(np.concatenate(parts["seq_len"]))
         out.completion_start = np.concatenate(parts["start"])
         out.tok_offsets = lengths_to_offsets(np.concatenate(parts["t_len"]))
-        out.topk_ids = np.concatenate(parts["ids"]).reshape(-1, k)
-        out.topk_logprobs = np.concatenate(parts["lps"]).reshape(-1, k)
-        out.tail_logprobs = np.concatenate(parts["tails"])
+        if sampled:  # ragged per position: pad every read batch to the widest position of all
+            width = max(x.shape[1] for x in parts["ids"])
+            out.topk_ids, out.topk_logprobs = _pad_width(parts["ids"], width), _pad_width(parts["lps"], width)
+            out.target_weights = _pad_width(parts["w"], width)
+        else:
+            out.topk_ids = np.concatenate(parts["ids"]).reshape(-1, k)
+            out.topk_logprobs = np.concatenate(parts["lps"]).reshape(-1, k)
+            out.tail_logprobs = np.concatenate(parts["tails"])
         if token_logprobs:
             out.token_logprobs = np.concatenate(parts["tok"])
     return finish_notes(out, max_length)
@@ -255,6 +302,8 @@ def finish_notes(out: Prepared, max_length: int) -> Prepared:
         out.notes.append(f"{out.beyond_vocab} row(s) dropped: they hold token ids beyond the student's embedding rows")
     if out.dropped_topk_entries:
         out.notes.append(f"{out.dropped_topk_entries} teacher top-k entries name ids beyond the student's embedding rows; their mass goes to the tail bucket")
+    if out.dropped_sampled_entries:
+        out.notes.append(f"{out.dropped_sampled_entries} sampled teacher ids are beyond the student's embedding rows; their draws are left out of the loss")
     if out.num_rows == 0:
         why = "; ".join(out.notes) or "the dataset holds no completion tokens"
         raise KdError(f"no trainable rows left (of {out.rows_in}): {why}")
@@ -287,6 +336,7 @@ class KDCollator:
         mask = np.arange(width)[None, :] < lengths[:, None]
         k = ex.k if self.with_topk else 0
         tok_lps = np.zeros((n, width), np.float32) if k and ex.token_logprobs is not None else None
+        weights = np.zeros((n, width, k), np.float32) if k and ex.target_weights is not None else None
         if k:
             topk_ids = np.zeros((n, width, k), np.int32)
             topk_lps = np.zeros((n, width, k), np.float32)
@@ -303,6 +353,8 @@ class KDCollator:
                     tails[i, s:L] = ex.tail_logprobs[c[i] : c[i] + L - s]
                 if tok_lps is not None:
                     tok_lps[i, s:L] = ex.token_logprobs[c[i] : c[i] + L - s]
+                if weights is not None:
+                    weights[i, s:L] = ex.target_weights[c[i] : c[i] + L - s]
         out = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask.astype(np.int64)),
@@ -315,6 +367,8 @@ class KDCollator:
                 out["tail_logprobs"] = torch.from_numpy(tails)
         if tok_lps is not None:
             out["token_logprobs"] = torch.from_numpy(tok_lps)
+        if weights is not None:
+            out["target_weights"] = torch.from_numpy(weights)
         return out
 
 

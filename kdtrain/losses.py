@@ -10,7 +10,8 @@ recomputation in the backward; the same trick as Liger's fused linear cross-entr
 `fused_kd_losses` also computes the cross-tokenizer span term (`kdcore.divergences.span_likelihood`)
 inside the same LM-head pass, and, given the teacher's log-prob of each label (`label_logprobs`),
 the sampled-token reverse-KL estimator on student rows (`kdcore.divergences.sampled_rkl_per_token`)
-in place of the top-k divergence.
+in place of the top-k divergence; given `target_weights`, the forward KL on random-sampled teacher
+targets (`kdcore.divergences.sampled_fkl_per_token`: the same [N, U] gather as the top-k's).
 
 Test: ``pytest tests/test_kdtrain_losses.py`` (every divergence against a dense reference),
 ``tests/test_kdtrain_crosstok.py`` (residual bucket and span term against dense references).
@@ -23,7 +24,7 @@ import bisect
 import torch
 from torch import Tensor
 
-from kdcore.divergences import LOGITS_BUDGET, SparseKD, sampled_rkl_per_token, sparse_kd_per_token, span_likelihood
+from kdcore.divergences import LOGITS_BUDGET, SparseKD, sampled_fkl_per_token, sampled_rkl_per_token, sparse_kd_per_token, span_likelihood
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ class _FusedSparseKD(torch.autograd.Function):
     """See `fused_sparse_kd`. Gradients are computed in the forward and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, tile, softcap, span_ids, span_logprobs, span_weight, teacher_tail, label_logprobs):
+    def forward(ctx, hidden, weight, labels, topk_ids, topk_logprobs, spec, ce_weight, kd_weight, tile, softcap, span_ids, span_logprobs, span_weight, teacher_tail, label_logprobs, target_weights):
         n_tok = hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
@@ -69,7 +70,7 @@ class _FusedSparseKD(torch.autograd.Function):
         use_kd = kd_weight != 0.0 and topk_ids.shape[-1] > 0 and not use_sampled
         use_span = span_ids is not None and span_weight != 0.0
         # teacher_renorm tempers the student over the full vocabulary: one more log-sum-exp, log_softmax(z/T)
-        tempered = use_kd and spec.tail == "teacher_renorm" and spec.temperature != 1.0
+        tempered = use_kd and spec.tail == "teacher_renorm" and spec.temperature != 1.0 and target_weights is None
         tau = spec.temperature
         w = weight
         for a, b in _tiles(n_tok, tile, span_ids if use_span else None):
@@ -94,7 +95,10 @@ class _FusedSparseKD(torch.autograd.Function):
                     tail = teacher_tail[a:b] if teacher_tail is not None else None
                     lse_tau_l = lse_tau.detach().requires_grad_(True) if tempered else None
                     s_tau = zk_l / tau - lse_tau_l[:, None] if tempered else None
-                    kd_tok = sparse_kd_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], spec, teacher_tail=tail, student_tempered=s_tau)
+                    if target_weights is not None:  # random-sampled targets: ids, teacher log-probs, counts / N
+                        kd_tok = sampled_fkl_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], target_weights[a:b])
+                    else:
+                        kd_tok = sparse_kd_per_token(zk_l - lse_l[:, None], topk_logprobs[a:b], spec, teacher_tail=tail, student_tempered=s_tau)
                     total = total + kd_weight * kd_tok.sum()
                     kd_sum += kd_tok.detach().sum()
                 if use_sampled:
@@ -139,7 +143,7 @@ class _FusedSparseKD(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         gh = (grad_h * grad_total).to(h_dtype) if grad_h is not None else None
         gw = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
-        return (gh, gw) + (None,) * 13  # one per non-tensor-gradient input of forward
+        return (gh, gw) + (None,) * 14  # one per non-tensor-gradient input of forward
 
 
 def fused_sparse_kd(
@@ -184,6 +188,7 @@ def fused_kd_losses(
     span_weight: float = 0.0,
     teacher_tail: Tensor | None = None,
     label_logprobs: Tensor | None = None,
+    target_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`fused_sparse_kd` plus the span-likelihood term of cross-tokenizer KD (`span_likelihood`).
 
@@ -196,10 +201,14 @@ def fused_kd_losses(
     label_logprobs: [N] the teacher's log-prob of each label (student rows): the KD term becomes the
                    sampled-token reverse-KL estimator (`sampled_rkl_per_token`; kd_sum sums its
                    estimates, the gradient is its surrogate's) and the top-k arrays are not used.
+    target_weights: [N, U] random-sampled targets (`kdgen --sampled-targets`): topk_ids / topk_logprobs
+                   then hold each position's sampled ids and teacher log-probs, these their counts / N
+                   (0 on padding); the KD term is `sampled_fkl_per_token` (spec's loss, tail and
+                   temperature do not apply: forward KL at temperature 1).
     returns: (total, kd_sum, ce_sum, span_sum); total = ce_weight*ce + kd_weight*kd + span_weight*span.
     """
     tile = auto_tile(weight.shape[0], tile)
     return _FusedSparseKD.apply(
         hidden, weight, labels, topk_ids, topk_logprobs, spec, float(ce_weight), float(kd_weight), tile, softcap,
-        span_ids, span_logprobs, float(span_weight), teacher_tail, label_logprobs,
+        span_ids, span_logprobs, float(span_weight), teacher_tail, label_logprobs, target_weights,
     )

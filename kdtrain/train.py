@@ -50,6 +50,9 @@ def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> b
         )
     if cfg.loss == SAMPLED_RKL and not same:
         raise KdError(f"--loss {SAMPLED_RKL} needs the student to share the teacher's tokenizer (it compares both log-probs of the same sampled token)")
+    if cfg.targets == "sampled" and cfg.mode == "logit":
+        if not same:
+            raise KdError("--targets sampled needs a student with the teacher's tokenizer (the draws are teacher ids; cross-tokenizer KD maps only the top-k); use --targets topk")
     if cfg.train_top_k > data.k:
         raise KdError(f"--train-top-k {cfg.train_top_k} exceeds the k={data.k} stored in the dataset; use at most {data.k} (0 = all)")
     if cfg.train_top_k and cfg.mode == "logit" and not same:
@@ -60,6 +63,16 @@ def check_tokenizers(cfg: TrainConfig, data: TeacherData, student: Student) -> b
             f"tokens; resize the student's embeddings first"
         )
     return same
+
+
+def check_targets(cfg: TrainConfig, data: TeacherData) -> None:
+    """--targets sampled needs datasets made with --sampled-targets (checked before the student loads)."""
+    without = [d.url for d in data.datasets if not d.sampled_targets]
+    if cfg.targets == "sampled" and cfg.mode == "logit" and without:
+        raise KdError(
+            f"--targets sampled: --data {without[0]} has no sampled targets (made without --sampled-targets); "
+            f"add them with `kdgen score --prompts {without[0]} --backend hf --sampled-targets 32`, or use --targets topk"
+        )
 
 
 def build_crosstok(cfg: TrainConfig, data: TeacherData, student: Student) -> CrossTok:
@@ -201,7 +214,13 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
     say = console.print if main and not quiet() else (lambda *a, **k: None)
     data = None if cfg.online and prompt_files(cfg.data) else open_teacher_data(cfg.data)
     if data is not None:
-        say(f"data: {len(data.datasets)} dataset(s), {data.num_rows:,} rows, {data.num_tokens:,} tokens, k={data.k} ({', '.join(d.fingerprint for d in data.datasets)})")
+        drawn = sorted({d.sampled_targets for d in data.datasets} - {0})
+        say(
+            f"data: {len(data.datasets)} dataset(s), {data.num_rows:,} rows, {data.num_tokens:,} tokens, k={data.k}"
+            + (f", sampled targets N={'/'.join(map(str, drawn))}" if drawn else "")
+            + f" ({', '.join(d.fingerprint for d in data.datasets)})"
+        )
+        check_targets(cfg, data)
     student = build_student(cfg, data.manifest if data is not None else {})
     online = OnlineTeacher.load(cfg, student) if cfg.online else None
     same = True if online is not None else check_tokenizers(cfg, data, student)
@@ -211,7 +230,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         prepared = online_examples(cfg, data, student.tokenizer, max_length)
         say(f"online teacher: {cfg.teacher} ({online.dtype}), dense KD over {student.embedding_rows:,} ids" + (f", IR {cfg.ir_layers} ({cfg.ir_loss})" if online.ir else ""))
     elif cfg.mode == "logit" and same:
-        prepared = logit_examples(data, max_length, cfg.overflow, student.embedding_rows, cfg.limit, cfg.loss == SAMPLED_RKL)
+        prepared = logit_examples(data, max_length, cfg.overflow, student.embedding_rows, cfg.limit, cfg.loss == SAMPLED_RKL, cfg.targets == "sampled")
     elif cfg.mode == "logit":
         cross = build_crosstok(cfg, data, student)
         summary = cross.vmap.summary(cross.teacher)

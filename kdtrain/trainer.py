@@ -8,6 +8,8 @@ tests/test_kdtrain_train.py). What this adds:
   `model(input_ids, attention_mask, kd_targets={...})` runs the backbone and returns the loss sums
   from `kdtrain.losses.fused_sparse_kd` (the loss is computed inside forward, so DDP/FSDP see a
   normal forward). Without `kd_targets` the forward is unchanged (generation, saving).
+* `--targets sampled`: the batch's `target_weights` (counts / N of random-sampled teacher targets)
+  make the KD term the sampled forward-KL estimate (`kdcore.divergences.sampled_fkl_per_token`).
 * `compute_loss`: (ce_weight * ce_sum + kd_weight * kd_sum [+ span_weight * span_sum]) / num_items_in_batch, where
   num_items_in_batch counts the label tokens of the whole optimizer step (every micro-batch and
   every process), so gradient accumulation and data parallelism give the loss of the big batch.
@@ -118,6 +120,9 @@ def attach_kd_head(model, loss: KDLoss, online=None) -> None:
             ids = torch.zeros((h.shape[0], 0), dtype=torch.long, device=h.device)
             lps = torch.zeros((h.shape[0], 0), dtype=torch.float32, device=h.device)
             tails = None
+        weights = None
+        if "target_weights" in kd_targets and loss.kd_weight:  # --targets sampled: ids/log-probs are the draws
+            weights = kd_targets["target_weights"][:, 1:][mask].float().to(h.device)
         label_lps = None
         if "token_logprobs" in kd_targets and loss.kd_weight:  # student rows: --loss sampled_rkl
             label_lps = kd_targets["token_logprobs"][:, 1:][mask].float().to(h.device)
@@ -127,7 +132,7 @@ def attach_kd_head(model, loss: KDLoss, online=None) -> None:
             span_lps = kd_targets["span_logprobs"].reshape(-1).float().to(h.device)
         total, kd_sum, ce_sum, span_sum = fused_kd_losses(
             h, weight, labels[mask].to(h.device), ids, lps, loss.spec, loss.ce_weight, loss.kd_weight, loss.tile_size, softcap,
-            span_ids, span_lps, loss.span_weight, tails, label_lps,
+            span_ids, span_lps, loss.span_weight, tails, label_lps, weights,
         )
         return KDOutput(total, kd_sum, ce_sum, mask.sum(), span_sum)
 
@@ -150,7 +155,7 @@ class KDTrainer(SFTTrainer):
         self._kd_clock: float | None = None  # started by the first training micro-batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "tail_logprobs", "token_logprobs", "span_ids", "span_logprobs") if k in inputs}
+        targets = {k: inputs[k] for k in ("labels", "topk_ids", "topk_logprobs", "tail_logprobs", "token_logprobs", "target_weights", "span_ids", "span_logprobs") if k in inputs}
         if self.online is not None:
             targets.update(self.online.teacher_targets(inputs))
         out: KDOutput = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_targets=targets)

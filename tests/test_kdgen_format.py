@@ -251,8 +251,15 @@ def test_fingerprint_is_stable_and_keyed_on_its_fields():
     assert kds.fingerprint({k: core[k] for k in reversed(list(core))}) == fp
     for name in kds.FINGERPRINT_FIELDS:
         other = copy.deepcopy(core)
-        _set(other, name, _changed(kds.dig(core, name)))
+        value = kds.manifest_value(core, name) if name in kds.FINGERPRINT_FIELDS_UNLESS else kds.dig(core, name)
+        _set(other, name, _changed(value))
         assert kds.fingerprint(other) != fp, f"{name} must change the fingerprint"
+    # a field that joined later is keyed only when it differs from the value older datasets had:
+    # written as that value or absent, the key is the one it always was
+    for name, before in kds.FINGERPRINT_FIELDS_UNLESS.items():
+        other = copy.deepcopy(core)
+        _set(other, name, before)
+        assert kds.fingerprint(other) == fp, f"{name} = {before!r} must not change an older dataset's key"
     # provenance that does not change the rows does not change the key
     for name in ("teacher.path", "teacher.source", "generation.engine_version", "prompts.source", "prompts.column"):
         other = copy.deepcopy(core)

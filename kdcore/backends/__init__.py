@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdcore.codec import SampledTargets
 from kdcore.io import sha256_hex
 
 
@@ -45,6 +46,7 @@ class Output:
     topk_ids: np.ndarray  # [T, k] int64
     topk_logprobs: np.ndarray  # [T, k] float32, sorted descending
     finish_reason: str  # stop | length
+    sampled: SampledTargets | None = None  # a backend made with sampled_targets > 0 (hf only)
 
 
 def request_seed(base_seed: int, row_id: str) -> int:
@@ -56,8 +58,10 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def default_backend() -> str:
-    return "vllm" if vllm_available() else "hf"
+def default_backend(full_distribution: bool = False) -> str:
+    """`--backend auto`: vllm where importable, except for work that needs the teacher's full
+    distribution at every position (`--sampled-targets`), which only hf computes in place."""
+    return "vllm" if vllm_available() and not full_distribution else "hf"
 
 
 def engine_version(name: str) -> str:
@@ -72,12 +76,16 @@ def engine_version(name: str) -> str:
     return "unknown"
 
 
-def make_backend(name: str, model_path: str, dtype: str, k: int, max_model_len: int, options: dict):
-    """Build the named backend. `options` holds engine settings that never change rows."""
+def make_backend(name: str, model_path: str, dtype: str, k: int, max_model_len: int, options: dict, sampled_targets: int = 0):
+    """Build the named backend. `options` holds engine settings that never change rows.
+    `sampled_targets` = N > 0: every output also carries N draws per position from the teacher's
+    full distribution (kdcore/sampled_targets.py) — hf only (`kdgen.config.validate` refuses the others)."""
     if name == "hf":
         from kdcore.backends.hf_backend import HFBackend
 
-        return HFBackend(model_path, dtype=dtype, batch_size=options.get("batch_size", 8))
+        return HFBackend(model_path, dtype=dtype, batch_size=options.get("batch_size", 8), sampled_targets=sampled_targets)
+    if sampled_targets:
+        raise ValueError(f"sampled targets need the hf backend, not {name}")
     if name == "vllm":
         from kdcore.backends.vllm_backend import VLLMBackend
 

@@ -3,6 +3,10 @@
 Why not `model.generate`: it cannot give each row its own sampling seed, and we need the raw
 temperature-1 log-probs beside whatever sampling filter is in force. The loop is short: one
 forward over the padded prompts, then one token per step for the whole batch.
+
+With `sampled_targets` = N > 0 each position also gets N draws from the teacher's full
+distribution (`kdcore.sampled_targets.draw`, keyed by the request's seed and the position), from the
+same temperature-1 log-softmax the top-k comes from.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdcore.backends import Output, Request, SamplingConfig
+from kdcore.codec import SampledTargets
+from kdcore.sampled_targets import draw
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,12 +49,13 @@ def _filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 8, model=None):
+    def __init__(self, model_path: str, dtype: str = "float32", batch_size: int = 8, model=None, sampled_targets: int = 0):
         self.model = model if model is not None else AutoModelForCausalLM.from_pretrained(
             model_path, dtype=DTYPES[dtype], trust_remote_code=False
         )
         self.model.eval()
         self.batch_size = batch_size
+        self.sampled_targets = sampled_targets
         self.eos = _eos_ids(self.model)
         cfg = self.model.config
         self.pad_id = next(iter(self.eos), 0) if getattr(cfg, "pad_token_id", None) is None else cfg.pad_token_id
@@ -79,6 +86,7 @@ class HFBackend:
         tok_lp: list[list[float]] = [[] for _ in reqs]
         top_ids: list[list[np.ndarray]] = [[] for _ in reqs]
         top_lp: list[list[np.ndarray]] = [[] for _ in reqs]
+        drawn: list[list[SampledTargets]] = [[] for _ in reqs]
         finish = ["length"] * b
         done = torch.zeros(b, dtype=torch.bool)
         cache = None
@@ -102,6 +110,11 @@ class HFBackend:
                 probs = torch.softmax(_filter_logits(logits, cfg), dim=-1)
                 nxt = torch.stack([torch.multinomial(probs[j], 1, generator=gens[j])[0] for j in range(b)])
             chosen = logp.gather(-1, nxt[:, None])[:, 0]
+            live = [j for j in range(b) if not done[j]]
+            if self.sampled_targets and live:  # position len(tokens[j]) of each live row
+                step = draw(logp[live], self.sampled_targets, [reqs[j].seed for j in live], [len(tokens[j]) for j in live])
+                for i, j in enumerate(live):
+                    drawn[j].append(SampledTargets(step.lengths[i : i + 1], *step.position(i)))
             for j in range(b):
                 if done[j]:
                     continue
@@ -118,10 +131,9 @@ class HFBackend:
             step_ids = nxt[:, None]
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], dim=-1)
-        return [self._output(tokens[j], tok_lp[j], top_ids[j], top_lp[j], finish[j], cfg.k) for j in range(b)]
+        return [self._output(tokens[j], tok_lp[j], top_ids[j], top_lp[j], finish[j], cfg.k, drawn[j]) for j in range(b)]
 
-    @staticmethod
-    def _output(tokens, lps, tids, tlps, finish, k) -> Output:
+    def _output(self, tokens, lps, tids, tlps, finish, k, drawn) -> Output:
         t = len(tokens)
         return Output(
             completion_ids=tokens,
@@ -129,6 +141,7 @@ class HFBackend:
             topk_ids=np.stack(tids).astype(np.int64) if t else np.zeros((0, k), np.int64),
             topk_logprobs=np.stack(tlps).astype(np.float32) if t else np.zeros((0, k), np.float32),
             finish_reason=finish,
+            sampled=SampledTargets.concat(drawn) if self.sampled_targets else None,
         )
 
     # -- teacher forcing --------------------------------------------------------------------------
@@ -146,5 +159,6 @@ class HFBackend:
             comp = torch.tensor(r.completion_ids)
             chosen = logp.gather(-1, comp[:, None])[:, 0]
             finish = "stop" if r.completion_ids and r.completion_ids[-1] in self.eos else "length"
-            out.append(Output(list(r.completion_ids), chosen.numpy(), ti.numpy(), tv.numpy(), finish))
+            sampled = draw(logp, self.sampled_targets, [r.seed] * len(comp), list(range(len(comp)))) if self.sampled_targets else None
+            out.append(Output(list(r.completion_ids), chosen.numpy(), ti.numpy(), tv.numpy(), finish, sampled))
         return out
