@@ -114,21 +114,23 @@ def comparable_positions(gen_ids: list[int], other_ids: list[int]) -> int:
     return min(common_prefix(gen_ids, other_ids) + 1, len(gen_ids), len(other_ids))
 
 
-def assert_topk_close(ids_a, lp_a, ids_b, lp_b, atol: float) -> None:
-    """Two engines' top-k [T, k] agree: log-probs rank by rank within `atol`, and every token
-    clearly inside one top-k (more than `atol` above its k-th entry) is in the other with the same
-    log-prob. Tokens tied within `atol` may come in either order or drop out at the k-th place."""
+def assert_topk_close(ids_a, lp_a, ids_b, lp_b, atol: float, rtol: float = 0.0) -> None:
+    """Two engines' top-k [T, k] agree: log-probs rank by rank within `atol + rtol * |lp|`, and
+    every token clearly inside one top-k (more than that above its k-th entry) is in the other with
+    the same log-prob. Tokens tied within the tolerance may come in either order or drop out at the
+    k-th place."""
     ids_a, ids_b = np.asarray(ids_a), np.asarray(ids_b)
     lp_a, lp_b = np.asarray(lp_a, np.float64), np.asarray(lp_b, np.float64)
     assert lp_a.shape == lp_b.shape == ids_a.shape == ids_b.shape
-    np.testing.assert_allclose(lp_a, lp_b, atol=atol, rtol=0)
+    np.testing.assert_allclose(lp_a, lp_b, atol=atol, rtol=rtol)
     for t in range(len(lp_a)):
         a, b = dict(zip(ids_a[t].tolist(), lp_a[t])), dict(zip(ids_b[t].tolist(), lp_b[t]))
-        floor = max(lp_a[t, -1], lp_b[t, -1]) + atol
+        kth = min(lp_a[t, -1], lp_b[t, -1])
+        floor = max(lp_a[t, -1], lp_b[t, -1]) + atol + rtol * abs(kth)
         for one, other in ((a, b), (b, a)):
             for token, lp in one.items():
                 if lp > floor:
-                    assert token in other and abs(other[token] - lp) <= atol, (t, token, lp, other)
+                    assert token in other and abs(other[token] - lp) <= atol + rtol * abs(lp), (t, token, lp, other)
 
 
 # Runs several `kdgen` jobs in one interpreter with one vLLM engine per model; prints their URLs.
