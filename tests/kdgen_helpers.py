@@ -140,10 +140,10 @@ import kdgen.generate as gen
 
 engines, real = {}, gen.make_backend
 
-def shared(name, path, dtype, k, max_model_len, options):
-    key = (name, path, dtype, k)
+def shared(name, path, dtype, k, max_model_len, options, *rest):
+    key = (name, path, dtype, k, *rest)
     if key not in engines:
-        engines[key] = real(name, path, dtype, k, 1024, options)
+        engines[key] = real(name, path, dtype, k, 1024, options, *rest)
         engines[key].close = lambda: None
     return engines[key]
 
