@@ -144,7 +144,8 @@ def plot_loss_curves(models: list[dict], path: str) -> bool:
     for m in logged:
         steps = [h["step"] for h in m["train_log"]]
         ax.plot(steps, [h["loss"] for h in m["train_log"]], marker=".", label=f"{m['name']} (loss)")
-        if all("kd" in h for h in m["train_log"]):
+        # text mode logs kd = 0 (it has no KD term): draw the KD line only where there is one
+        if all("kd" in h for h in m["train_log"]) and any(h["kd"] for h in m["train_log"]):
             ax.plot(steps, [h["kd"] for h in m["train_log"]], linestyle="--", label=f"{m['name']} (KD term)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
