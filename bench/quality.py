@@ -1,6 +1,6 @@
 """Distillation quality on the embedded teacher (issues 6, 14, 15, 16): which arm makes the best student?
 
-    python bench/quality.py                                   # every arm, 3 seeds (about 2 h on 2 idle cores)
+    python bench/quality.py                                   # every arm, 3 seeds, 64 rows (the README table; ~2.5 h on 2 cores)
     python bench/quality.py --arms none,bucket_k20,renorm_k20 --seeds 0,1     # a subset (arms already in --work are kept)
     python bench/quality.py --render                          # table + plot again from bench/results/quality.json
 
@@ -371,7 +371,7 @@ def main() -> None:
     ap.add_argument("--heldout-prompts", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=96, help="teacher completion length for training")
     ap.add_argument("--eval-new-tokens", type=int, default=64, help="greedy completion length for evaluation")
-    ap.add_argument("--train-rows", type=int, default=128, help="teacher rows every arm trains on (kdtrain --limit; 0 = all)")
+    ap.add_argument("--train-rows", type=int, default=64, help="teacher rows every arm trains on (kdtrain --limit; 0 = all)")
     ap.add_argument("--layers", default=LAYERS, help="teacher layers the student keeps (kdtrain --init-from-teacher)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=4)
