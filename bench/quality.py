@@ -296,8 +296,15 @@ def plot(summary: dict[str, dict], path: Path) -> None:
         for y, a in zip(ys, arms):
             vals = summary[a].get(key, {}).get("values", [])
             ax.plot(vals, [y] * len(vals), "k.", ms=4)
-        if key == "ppl":
+        if key == "ppl":  # a diverged arm (PPL ~1e11) would squash every other bar: clip, and label it
             ax.set_xscale("log")
+            finite = sorted(m for m in means if m == m)
+            cap = 20 * finite[len(finite) // 2] if finite else None
+            if cap and finite[-1] > cap:
+                ax.set_xlim(right=cap)
+                for y, m in zip(ys, means):
+                    if m > cap:
+                        ax.text(cap, y, f"{m:.0e} →", ha="right", va="center", fontsize=8, color="#b22222")
         ax.set_title(f"{label} {'↓' if lower else '↑'}")
         ax.set_yticks(list(ys), arms)
     axes[0].invert_yaxis()

@@ -1,7 +1,9 @@
 """Progress display on stderr (rich): spinners for one-off waits, a bar for long work.
 
 Everything goes to stderr so stdout stays clean for machine-readable output (`kdgen info --json`).
-Set `KD_QUIET=1` to silence the bar (tests and CI logs).
+When stderr is not a terminal (a log file, `nohup`), the bar becomes a plain line every
+`LOG_EVERY_S` seconds, so a logged run shows how far it got. Set `KD_QUIET=1` to silence both
+(tests and CI logs).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 # piped or logged (not a terminal): don't wrap summary lines at rich's default 80 columns
 console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+LOG_EVERY_S = 30.0
 
 
 def quiet() -> bool:
@@ -53,6 +56,9 @@ class RowProgress:
             disable=quiet(),
         )
         self._task = self._progress.add_task(description, total=total_rows, completed=done_rows, rate="")
+        self.description = description
+        self.done = done_rows
+        self._logged = self.start
 
     def __enter__(self) -> "RowProgress":
         self._progress.start()
@@ -64,4 +70,10 @@ class RowProgress:
     def advance(self, rows: int, tokens: int) -> None:
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.done += rows
         self._progress.update(self._task, advance=rows, rate=f"{self.tokens / elapsed:,.0f} tok/s")
+        now = time.perf_counter()
+        if not console.is_terminal and not quiet() and now - self._logged >= LOG_EVERY_S:
+            self._logged = now
+            console.print(f"{self.description}: {self.done:,}/{self.total:,} rows, {self.tokens:,} tokens, "
+                          f"{self.tokens / elapsed:,.0f} tok/s, {elapsed / 60:.1f} min")

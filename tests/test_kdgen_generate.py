@@ -170,6 +170,24 @@ def test_cache_hit_returns_at_once(base, tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in base.root.rglob("*")} == before
 
 
+def test_a_logged_run_prints_plain_progress_lines(base, tmp_path, monkeypatch, capsys):
+    """stderr to a file (nohup, a job log): no live bar is drawn there, so progress comes as plain
+    lines (every LOG_EVERY_S seconds; 0 here, so one per batch) ending at the full row count."""
+    import kdcore.progress as progress
+
+    monkeypatch.setenv("KD_QUIET", "0")
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    gen.run(replace(base.cfg, out=str(tmp_path / "out")))
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("generating: ")]
+    assert lines, err
+    total = len(CHAT_ROWS) * base.cfg.n
+    done = [int(ln.split(": ")[1].split("/")[0].replace(",", "")) for ln in lines]
+    assert done == sorted(done) and done[-1] == total, lines
+    assert all(f"/{total} rows, " in ln and "tok/s" in ln for ln in lines), lines
+    assert not any("\x1b[" in ln or "\r" in ln for ln in err.splitlines()), "terminal control codes in a log"
+
+
 CACHE_HIT = r"""
 import json, sys
 from kdgen.generate import GenerateConfig, run
