@@ -33,11 +33,16 @@ COLUMNS = {  # what each v2 column means (docs/FORMAT.md has the full contract)
     "sampled_logprobs": "[T][U_t] the teacher's log-prob of each sampled id (temperature 1, normalised over the full vocabulary)",
     "finish_reason": "`stop` (EOS) or `length`",
 }
+SCORED = {  # where a `kdgen score` dataset's columns mean something else: the text was given, not generated
+    "id": "stable row id: hash of the prompt content together with the scored completion (so not the id of that row in a source dataset)",
+    "completion": "the scored text, as given to `kdgen score` (teacher-forced: not the teacher's own text)",
+    "finish_reason": "`stop` when the given completion ends in the teacher's EOS, else `length`",
+}
 
 BODY = """
 # Teacher dataset `{fingerprint}`
 
-Completions of **{teacher}** with its top-{k} next-token log-probabilities at every completion
+{what} with its top-{k} next-token log-probabilities at every completion
 token, written by `kdgen` {version} (format v{format_version}) for offline knowledge distillation.
 
 | | |
@@ -111,8 +116,12 @@ def header(manifest: dict) -> dict:
 def card_text(manifest: dict) -> str:
     g, t = manifest["generation"], manifest["totals"]
     sch = codec.schema(manifest["tokenizer"]["embedding_rows"], g["k"], kds.sampled_targets(manifest))
-    columns = "\n".join(f"| `{f.name}` | `{f.type}` | {COLUMNS[f.name]} |" for f in sch)
+    meaning = {**COLUMNS, **SCORED} if g["kind"] == "score" else COLUMNS
+    columns = "\n".join(f"| `{f.name}` | `{f.type}` | {meaning[f.name]} |" for f in sch)
+    what = (f"Given completions scored by **{manifest['teacher']['source']}** (teacher-forced)" if g["kind"] == "score"
+            else f"Completions of **{manifest['teacher']['source']}**")
     body = BODY.format(
+        what=what,
         fingerprint=manifest["fingerprint"],
         teacher=manifest["teacher"]["source"],
         weights=manifest["teacher"]["weights_hash"][:16],

@@ -53,7 +53,7 @@ class RowProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,
-            disable=quiet(),
+            disable=quiet() or not console.is_terminal,  # a log gets plain lines instead (advance)
         )
         self._task = self._progress.add_task(description, total=total_rows, completed=done_rows, rate="")
         self.description = description

@@ -110,6 +110,8 @@ def test_dataset_layout(base):
     header = yaml.safe_load(card.split("---\n")[1])
     assert header["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}]
     assert base.fingerprint in card and "top-8" in card
+    assert "Completions of **" in card and "| `completion` | `string` | the teacher's text |" in card
+    assert "hash of the prompt content and the sample index" in card
 
 
 def test_rows_and_invariants(base, tokenizer):
@@ -364,6 +366,11 @@ def test_score_gives_the_top_k_generation_produced(base, tmp_path, tokenizer):
     url = r.stdout.strip().splitlines()[-1]
     m = assert_valid(url)
     assert m["generation"]["kind"] == "score" and m["totals"]["rows"] == len(pairs) and len(m["shards"]) == 3
+    # the card says what a scored dataset's columns hold: given text, ids keyed by it too
+    card = (Path(url) / "README.md").read_text()
+    assert "Given completions scored by" in card and "Completions of" not in card
+    assert "| `completion` | `string` | the scored text, as given to `kdgen score`" in card and "the teacher's text" not in card
+    assert "together with the scored completion" in card
 
     gen_rows = [b.row(i) for b in kds.TeacherDataset(base.url).iter_batches() for i in range(b.num_rows)]
     score_rows = [b.row(i) for b in kds.TeacherDataset(url).iter_batches() for i in range(b.num_rows)]
