@@ -167,7 +167,7 @@ def training_args(cfg: TrainConfig):
         deepspeed=cfg.deepspeed,
         dataloader_num_workers=cfg.dataloader_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=quiet(),
+        disable_tqdm=quiet() or logged(),  # a log file gets plain lines (LogLines), not tqdm's \r-redrawn bar
         # our collator pads the teacher arrays; SFTTrainer must neither tokenise nor drop columns
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
@@ -200,13 +200,39 @@ def last_checkpoint(out: str) -> str | None:
     return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
 
 
+def logged() -> bool:
+    """stderr goes to a file (nohup, a job log) and KD_QUIET is off: progress as plain lines."""
+    return not quiet() and not console.is_terminal
+
+
+def log_lines():
+    """A callback printing one line per logging step to stderr: `step 20/64 (31%): loss 4.618, ..., 1.9 min`."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class LogLines(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k != "total_flos")
+            total = max(state.max_steps, 1)
+            minutes = (time.perf_counter() - getattr(self, "start", time.perf_counter())) / 60
+            console.print(f"step {state.global_step}/{total} ({100 * state.global_step // total}%): {shown}, {minutes:.1f} min")
+
+    return LogLines()
+
+
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
     """Everything up to the training loop (also used by the benchmark)."""
     from accelerate import PartialState
 
     validate(cfg)
     args = training_args(cfg)  # its problems (--report-to, --deepspeed) before the data loads
-    if quiet():
+    if quiet() or logged():  # transformers' own bars (loading, saving) too
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -281,6 +307,11 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> KDTrainer:
         kd_record=record,
         online=online,
     )
+    if logged():  # instead of PrinterCallback's dicts on stdout, which carries the checkpoint path
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(log_lines())
     check_parallel(trainer, cfg)
     return trainer
 

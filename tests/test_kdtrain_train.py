@@ -56,6 +56,20 @@ def test_prompt_tokens_are_masked(world, tmp_path):
     assert (batch["topk_ids"][0, start:, 0] == batch["labels"][0, start:]).all()
 
 
+def test_a_logged_run_prints_one_plain_line_per_logging_step(world, tmp_path, monkeypatch, capsys):
+    """stderr to a file: no tqdm bar (its \\r redraws make one endless line there), one line per
+    logging step with the step count and the logged values, and nothing on stdout but our own."""
+    from kdtrain.train import run
+
+    monkeypatch.setenv("KD_QUIET", "0")
+    run(train_cfg(world, tmp_path / "logged", max_steps=4, logging_steps=2, save_steps=100))
+    out, err = capsys.readouterr()
+    steps = [ln for ln in err.splitlines() if ln.startswith("step ")]
+    assert [ln.split(" (")[0] for ln in steps[:2]] == ["step 2/4", "step 4/4"], err
+    assert all("loss " in ln and "kd " in ln and "tokens_per_s " in ln for ln in steps[:2]), steps
+    assert "\r" not in err and "it/s" not in err and "{'loss'" not in out + err
+
+
 def test_grad_accumulation_4x1_equals_batch_4(world, tmp_path):
     big = grads_after_one_step(world, tmp_path / "b4", batch_size=4, grad_accum=1)
     small = grads_after_one_step(world, tmp_path / "b1", batch_size=1, grad_accum=4)
