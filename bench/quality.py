@@ -58,6 +58,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -218,7 +219,7 @@ def train_arm(args, arm: Arm, train: str, seed: int, out: Path, start: str) -> d
     else:
         raise ValueError(arm.kind)
     record = _reused(marker, cmd)
-    if record is None:
+    if record is None or not Path(record["checkpoint"]).exists():  # deleted after its evaluation: train again
         t = time.perf_counter()
         checkpoint = _cli(*cmd)
         record = {"bench_command": cmd, "checkpoint": checkpoint, "train_s": round(time.perf_counter() - t, 1)}
@@ -391,6 +392,8 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of the arms")
     ap.add_argument("--extra-arms", nargs="*", default=[], metavar="NAME=FLAGS", help="one-off arms: kdtrain flags after the common ones")
     ap.add_argument("--work", default=None, help="keep the students here (default: a temporary directory)")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep every student's checkpoint in --work (default: deleted once evaluated; the full v3 run left ~50 GB)")
     ap.add_argument("--render", action="store_true", help="only rewrite the plot and print the table from quality.json")
     args = ap.parse_args()
     if args.render:
@@ -416,6 +419,8 @@ def main() -> None:
         run_name = f"{name}-s{seed}"
         checkpoint = start if arm.kind == "none" else train_arm(args, arm, train, seed, work / run_name, start)["checkpoint"]
         metrics = evaluate(args, heldout, run_name, checkpoint, work)
+        if arm.kind != "none" and not args.keep_checkpoints:  # the markers keep what the table needs
+            shutil.rmtree(work / run_name, ignore_errors=True)
         print(f"{run_name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if v is not None), flush=True)
         return run_name
 
