@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, machine, results_path, scratch, tiny_model, write_result  # noqa: E402
 
 TEACHER = "smollm2-135m-instruct"
+CPU_KV_BYTES = 2**30  # on CPU: a fixed 1 GiB KV cache per engine (~23,000 tokens of the teacher in float32)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
@@ -76,7 +77,7 @@ def serve(model: str, k: int, log: Path) -> tuple[subprocess.Popen, str]:
         "--max-logprobs", str(k), "--logprobs-mode", "raw_logprobs", "--generation-config", "vllm", "--disable-log-stats",
     ]  # fmt: skip
     if not _gpu():
-        args += ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.05", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192"]
+        args += ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(CPU_KV_BYTES), "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192"]
     proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -159,9 +160,12 @@ def main() -> None:
     pfile.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     common = ["--prompts", str(pfile), "--teacher", model, "--temperature", "0", "--max-new-tokens", str(a.max_new_tokens),
               "--k", str(a.k), "--shard-prompts", str(a.shard_prompts)]  # fmt: skip
+    # on CPU every engine (in-process, served, each Ray replica) gets the same fixed KV cache: vLLM's
+    # default sizing is a fraction of the NUMA node's memory minus the process's RSS (docs/VLLM.md)
+    cpu_kv = [] if _gpu() else ["--engine-arg", f"kv_cache_memory_bytes={CPU_KV_BYTES}"]
     result = {"machine": machine(), "model": a.model, "prompts": a.prompts, "max_new_tokens": a.max_new_tokens, "k": a.k, "load1_start": load1()}
     if "server" in parts:
-        local = kdgen(*common, "--backend", "vllm", "--out", str(work / "local"))
+        local = kdgen(*common, "--backend", "vllm", *cpu_kv, "--out", str(work / "local"))
         proc, url = serve(model, a.k, work / "server.log")
         try:
             served = kdgen(*common, "--backend", "server", "--server-url", url, "--out", str(work / "served"))
@@ -182,8 +186,7 @@ def main() -> None:
         try:
             runs = {}
             for n in (1, 2):
-                runs[n] = kdgen(*common, "--backend", "vllm", "--gpu-memory-utilization", "0.05" if not _gpu() else "0.9",
-                                "--ray", cluster.address, "--replicas", str(n), "--out", str(work / f"ray-{n}"))  # fmt: skip
+                runs[n] = kdgen(*common, "--backend", "vllm", *cpu_kv, "--ray", cluster.address, "--replicas", str(n), "--out", str(work / f"ray-{n}"))
         finally:
             cluster.shutdown()
         result["ray_replicas"] = {

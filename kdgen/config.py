@@ -41,7 +41,7 @@ class GenerateConfig(Documented):
     batch_size: int = _f(64, "Requests handed to the engine at once (progress updates per batch).")
     shard_index: int = _f(0, "This machine's slice of the prompt set (0-based); see --num-shards.")
     num_shards: int = _f(1, "Split the work over this many machines; each runs with its own --shard-index.")
-    gpu_memory_utilization: float | None = _f(None, "vLLM memory fraction (of RAM on CPU). Default 0.3 on CPU, 0.9 on GPU.")
+    gpu_memory_utilization: float | None = _f(None, "vLLM memory fraction (on CPU: of the NUMA node's memory, weights included). Default 0.3 on CPU, 0.9 on GPU.")
     append_eos: bool = _f(True, "`kdgen score`: end each given completion with the EOS token.")
     # scaling out (README "Scaling out"): engine layout, served teachers, Ray
     tensor_parallel_size: int = _f(1, "vLLM: GPUs that split each layer of one engine (tensor parallel). Not part of the fingerprint.")

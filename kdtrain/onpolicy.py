@@ -61,7 +61,8 @@ class OnPolicyConfig:
     k: int = _f(20, "Top-k log-probs the teacher stores per sampled token.")
     backend: str = _f("auto", "kdgen backend for sampling and scoring: vllm, hf, or auto (vllm where installed).")
     dtype: str = _f("auto", "Model dtype for sampling and scoring (kdgen --dtype).")
-    gpu_memory_utilization: float | None = _f(None, "vLLM memory fraction for sampling and scoring (of RAM on CPU; kdgen's default when unset).")
+    gpu_memory_utilization: float | None = _f(None, "vLLM memory fraction for sampling and scoring (on CPU: of the NUMA node's memory; kdgen's default when unset).")
+    engine_arg: list[str] = _f([], "Extra vLLM engine argument KEY=VALUE for sampling and scoring, repeatable (kdgen --engine-arg; e.g. kv_cache_memory_bytes=2147483648).")
     loss: str = _f("rkl", "Loss on the student's rows: rkl, srkl, jsd (top-k + tail bucket), sampled_rkl (log p_student(x) - log p_teacher(x) on the sampled token), or any kdtrain --loss.")
     alpha: float = _f(SparseKD.alpha, "Skew weight of skl / srkl (DistiLLM).")
     beta: float = _f(SparseKD.beta, "JSD interpolation weight (GKD).")
@@ -82,7 +83,7 @@ class OnPolicyConfig:
 
     def options(self) -> dict:
         """What the state file pins: everything but where it goes and when to stop."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "datasets", "gpu_memory_utilization", "stop_after")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "datasets", "gpu_memory_utilization", "engine_arg", "stop_after")}
 
 
 def stage_names(cfg: OnPolicyConfig) -> list[str]:
@@ -143,6 +144,7 @@ def run(cfg: OnPolicyConfig) -> str:
     out = Path(cfg.out)
     stages = Stages(cfg.out, STATE, cfg.options(), cfg.stop_after)
     gen = {"backend": cfg.backend, "dtype": cfg.dtype, "out": cfg.datasets or str(out / "datasets"), "gpu_memory_utilization": cfg.gpu_memory_utilization}
+    gen["engine_arg"] = cfg.engine_arg or None
     student = cfg.student
     off_start = 0
     for r in range(cfg.rounds):

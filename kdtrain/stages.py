@@ -85,7 +85,9 @@ def _dataset_complete(url: str | None) -> bool:
 
 
 def flags(options: dict) -> list[str]:
-    """{'max_new_tokens': 64, 'limit': None} -> ['--max-new-tokens', '64'] (None dropped)."""
+    """{'max_new_tokens': 64, 'limit': None, 'engine_arg': ['a=1', 'b=2']} ->
+    ['--max-new-tokens', '64', '--engine-arg', 'a=1', '--engine-arg', 'b=2'] (None dropped; a list
+    repeats its flag)."""
     out: list[str] = []
     for key, value in options.items():
         if value is None:
@@ -93,6 +95,8 @@ def flags(options: dict) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            out += [part for v in value for part in (flag, str(v))]
         else:
             out += [flag, str(value)]
     return out

@@ -23,6 +23,12 @@ KDGEN = str(Path(sys.executable).parent / "kdgen")  # the console script of this
 # second OpenMP thread spin-waits (measured: 1.6 s vs 7-30 s for one generate run). Subprocesses
 # get the same setting, so in-process and CLI runs compute the same numbers.
 ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# A fixed vLLM CPU KV cache for the tiny models (ample: a few KB per token). The default sizing,
+# a fraction of the NUMA node's memory minus the process's RSS, depends on the machine: a 0.05
+# fraction worked where node 0 held all 24 GiB and failed ("requested memory for kv (-0.37 GiB)")
+# on a box of the same size whose node 0 reports 12 GiB.
+TINY_KV_BYTES = 64 * 2**20
+TINY_KV_ARG = f"kv_cache_memory_bytes={TINY_KV_BYTES}"
 
 
 @pytest.fixture(scope="module", autouse=True)

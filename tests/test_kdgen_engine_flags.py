@@ -22,7 +22,7 @@ from kdcore import engine_options
 import kdcore.dataset as kds
 from kdcore.errors import ConfigError, KdError
 from kdgen.config import GenerateConfig, validate
-from kdgen_helpers import CHAT_ROWS, assert_valid, one_torch_thread, rows_of, tiny_config, write_jsonl  # noqa: F401
+from kdgen_helpers import CHAT_ROWS, ONE_THREAD_ENV, TINY_KV_ARG, assert_valid, one_torch_thread, rows_of, tiny_config, write_jsonl  # noqa: F401
 
 
 def problems_of(**overrides) -> list[str]:
@@ -127,3 +127,25 @@ def test_unknown_engine_arg_is_refused_before_the_engine_starts():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().startswith("--engine-arg max_num_seqz: not an argument of vLLM's engine"), out.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not vllm_available(), reason="needs vLLM")
+def test_a_kv_cache_that_does_not_fit_is_one_line_naming_the_fix(tmp_path, tiny_model_dir):
+    """vLLM on CPU takes the model's memory out of `--gpu-memory-utilization` x the node's memory
+    before the KV cache: 1% leaves nothing on any machine here. One line naming both fixes, exit 2,
+    no dataset."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", CHAT_ROWS)
+    args = ["generate", "--prompts", prompts, "--out", str(tmp_path / "out"), "--teacher", tiny_model_dir, "--backend", "vllm"]
+    env = {**ONE_THREAD_ENV, "KD_QUIET": "1"}
+    out = subprocess.run([sys.executable, "-m", "kdgen", *args, "--gpu-memory-utilization", "0.01"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("kdgen: error: vLLM's KV cache does not fit (Available memory on node"), out.stderr[-3000:]
+    assert "raise it" in last and "--engine-arg kv_cache_memory_bytes=" in last
+    assert "Traceback" not in out.stderr
+    assert not list((tmp_path / "out").glob("*/data/*.parquet"))
+    # the fix it names works
+    fixed = subprocess.run([sys.executable, "-m", "kdgen", *args, "--engine-arg", TINY_KV_ARG, "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=600)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert_valid(fixed.stdout.strip())

@@ -26,7 +26,7 @@ import pytest
 import kdcore.dataset as kds
 import kdcore.io as kio
 from kdgen.config import GenerateConfig
-from kdgen_helpers import ONE_THREAD_ENV, assert_valid, rows_of, write_jsonl
+from kdgen_helpers import ONE_THREAD_ENV, TINY_KV_ARG, assert_valid, rows_of, write_jsonl
 from kdgen_helpers import run_with_vllm
 
 pytestmark = pytest.mark.slow
@@ -56,9 +56,8 @@ def args_of(cfg: GenerateConfig, address: str) -> list[str]:
     return [
         "generate", "--prompts", cfg.prompts, "--out", cfg.out, "--teacher", cfg.teacher, "--backend", cfg.backend,
         "--temperature", "0", "--max-new-tokens", str(cfg.max_new_tokens), "--k", str(cfg.k),
-        "--shard-prompts", str(cfg.shard_prompts), "--gpu-memory-utilization", "0.05",
-        "--ray", address, "--replicas", "2",
-    ]  # fmt: skip
+        "--shard-prompts", str(cfg.shard_prompts), "--ray", address, "--replicas", "2",
+    ] + (["--engine-arg", TINY_KV_ARG] if cfg.backend == "vllm" else [])  # fmt: skip
 
 
 def prompts_file(tmp: Path) -> str:
@@ -84,7 +83,7 @@ def held_claims(dataset: Path) -> list[int]:
 def test_ray_replica_killed_mid_shard_dataset_equals_in_process(cluster, tiny_model_dir, tmp_path):
     cfg = GenerateConfig(
         prompts=prompts_file(tmp_path), out=str(tmp_path / "local"), teacher=tiny_model_dir, backend="vllm", dtype="float32",
-        temperature=0.0, max_new_tokens=16, k=8, shard_prompts=1, gpu_memory_utilization=0.05,
+        temperature=0.0, max_new_tokens=16, k=8, shard_prompts=1, engine_arg=[TINY_KV_ARG],
     )  # fmt: skip
     (local,) = run_with_vllm([("generate", cfg)])
     on_ray = replace(cfg, out=str(tmp_path / "ray"))

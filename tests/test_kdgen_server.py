@@ -32,7 +32,7 @@ import kdcore.dataset as kds
 import kdcore.io as kio
 from kdgen.config import GenerateConfig
 from kdgen_helpers import CHAT_ROWS, ONE_THREAD_ENV, assert_topk_close, assert_valid, write_jsonl
-from kdgen_helpers import decoded_rows, run_with_vllm
+from kdgen_helpers import TINY_KV_ARG, TINY_KV_BYTES, decoded_rows, run_with_vllm
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,8 @@ def free_port() -> int:
 class VLLMServer:
     """A real vLLM server on 127.0.0.1 with the flags kd needs (README "Scaling out")."""
 
-    def __init__(self, model: str, log: Path, k: int = 20, engine_args: tuple[str, ...] = ()):
-        self.model, self.log, self.k, self.engine_args = model, log, k, engine_args
+    def __init__(self, model: str, log: Path, k: int = 20, kv_bytes: int = TINY_KV_BYTES):
+        self.model, self.log, self.k, self.kv_bytes = model, log, k, kv_bytes
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -65,10 +65,10 @@ class VLLMServer:
         args = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", "127.0.0.1",
             "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--max-logprobs", str(self.k),
-            "--logprobs-mode", "raw_logprobs", "--generation-config", "vllm", "--gpu-memory-utilization", "0.05",
+            "--logprobs-mode", "raw_logprobs", "--generation-config", "vllm", "--kv-cache-memory-bytes", str(self.kv_bytes),
             "--max-model-len", "1024", "--seed", "0", "--disable-log-stats",
             # as the in-process CPU engine (kdcore/backends/vllm_backend.py): whole-prompt prefill
-            "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192", *self.engine_args,
+            "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
         ]  # fmt: skip
         env = {**ONE_THREAD_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         # its own process group: the API server spawns an engine-core process that must die with it
@@ -94,9 +94,9 @@ class VLLMServer:
 
 
 @contextmanager
-def serving(model: str, log: Path, engine_args: tuple[str, ...] = ()):
+def serving(model: str, log: Path, kv_bytes: int = TINY_KV_BYTES):
     """A started server, killed on the way out whatever happened (a failed start included)."""
-    srv = VLLMServer(model, log, engine_args=engine_args)
+    srv = VLLMServer(model, log, kv_bytes=kv_bytes)
     try:
         yield srv.start()
     finally:
@@ -131,7 +131,7 @@ def local_and_served(tmp: Path, server: VLLMServer, prompts: list[dict], n_pairs
     (vLLM, one engine) and through `server`; the dataset URLs and the served generate config."""
     gen_cfg = GenerateConfig(
         prompts=write_jsonl(tmp / "prompts.jsonl", prompts), out=str(tmp / "local"), backend="vllm", dtype="float32",
-        temperature=0.0, max_new_tokens=24, k=8, shard_prompts=2, server_retries=1, gpu_memory_utilization=0.05,
+        temperature=0.0, max_new_tokens=24, k=8, shard_prompts=2, server_retries=1, engine_arg=[TINY_KV_ARG],
     )  # fmt: skip
     gen_cfg = replace(gen_cfg, **overrides)
     pairs = [{"prompt": f"Question {i}:", "completion": f" the answer is {i * 7} apples"} for i in range(n_pairs)]
@@ -232,7 +232,7 @@ def test_kdgen_sigkilled_mid_run_then_rerun_equals(runs, server, backend):
     """The SIGKILL-and-resume check of tests/test_kdgen_crash.py (hf, 20 kills) once for each vLLM
     path: kill `kdgen generate` itself once a shard is written, rerun, same rows as uninterrupted."""
     cfg = replace(runs["cfg"], out=str(runs["tmp"] / f"sigkill-{backend}"), backend=backend, server_url=server.url if backend == "server" else None)
-    args = [sys.executable, "-m", "kdgen", *gen_args(cfg)] + (["--gpu-memory-utilization", "0.05"] if backend == "vllm" else [])
+    args = [sys.executable, "-m", "kdgen", *gen_args(cfg)] + (["--engine-arg", TINY_KV_ARG] if backend == "vllm" else [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ONE_THREAD_ENV)
     dataset = Path(cfg.out) / Path(runs["served"]).name
     t0 = time.time()
@@ -251,16 +251,16 @@ def test_kdgen_sigkilled_mid_run_then_rerun_equals(runs, server, backend):
 # -- the embedded teacher: one more server, few prompts, short completions -------------------------
 
 
-# The teacher's float32 weights alone outgrow 5% of RAM (vLLM on CPU sizes the KV cache as that
-# fraction minus the process's RSS): a fixed KV cache instead, the same on any machine, for both
-# engines. 256 MiB holds ~5,800 tokens of SmolLM2 (30 layers x K,V x 3 heads x 64 x 4 B per token).
+# As for the tiny model (kdgen_helpers.TINY_KV_BYTES), a fixed KV cache, the same on any machine,
+# for both engines: vLLM on CPU otherwise sizes it as a fraction of the NUMA node's memory minus the
+# process's RSS, which the teacher's float32 weights alone can outgrow. 256 MiB holds ~5,800 tokens of SmolLM2 (30 layers x K,V x 3 heads x 64 x 4 B per token).
 TEACHER_KV_BYTES = 256 * 2**20
 
 
 @pytest.fixture(scope="module")
 def teacher_server(smollm2_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("teacher-server") / "server.log"
-    with serving(smollm2_dir, log, engine_args=("--kv-cache-memory-bytes", str(TEACHER_KV_BYTES))) as srv:
+    with serving(smollm2_dir, log, kv_bytes=TEACHER_KV_BYTES) as srv:
         yield srv
 
 

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from kdcore.backends import vllm_available
 from kdcore.divergences import SAMPLED_RKL, SparseKD
 from kdcore.errors import KdError
 from kdcore.dataset import TeacherDataset
@@ -223,6 +224,19 @@ def test_options_of_a_run_are_pinned(world):
         run(OnPolicyConfig(student="s", prompts="p", offpolicy_mix=0.5))
 
 
+def test_engine_settings_reach_kdgen_and_are_not_pinned():
+    """`--engine-arg` (like --gpu-memory-utilization) is how the engine runs, not what the rounds
+    compute: passed to every kdgen stage as repeated flags, left out of the pinned options."""
+    from kdtrain.onpolicy import OnPolicyConfig
+    from kdtrain.stages import flags
+
+    assert flags({"max_new_tokens": 64, "limit": None, "engine_arg": ["a=1", "b=2"], "eager": False}) == [
+        "--max-new-tokens", "64", "--engine-arg", "a=1", "--engine-arg", "b=2", "--no-eager",
+    ]  # fmt: skip
+    a = OnPolicyConfig(student="s", prompts="p", engine_arg=["kv_cache_memory_bytes=1"], gpu_memory_utilization=0.5)
+    assert a.options() == OnPolicyConfig(student="s", prompts="p").options()
+
+
 def test_offpolicy_mix_trains_its_share_first(world, tmp_path):
     """DistiLLM-2 style: a third of the round's rows from the teacher's own dataset (skl), the rest
     the student's (srkl); stopped after the off-policy stage, the state names its rows."""
@@ -263,7 +277,9 @@ def test_one_round_on_the_embedded_teacher(tmp_path):
     args = _cli(
         "onpolicy", "--teacher", "smollm2-135m-instruct", "--student", str(tmp_path / "student"), "--prompts", str(prompts),
         "--out", str(tmp_path / "run"), "--rounds", "1", "--max-new-tokens", "12", "--k", "8", "--dtype", "float32",
-        "--max-steps", "1", "--batch-size", "2", "--loss", "sampled_rkl", "--gpu-memory-utilization", "0.1",
+        "--max-steps", "1", "--batch-size", "2", "--loss", "sampled_rkl",
+        # vLLM: a fixed KV cache (256 MiB: ~5,800 teacher tokens), not a fraction of this machine's memory
+        *(["--engine-arg", f"kv_cache_memory_bytes={256 * 2**20}"] if vllm_available() else []),
     )
     res = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -12,7 +12,9 @@ Settings that matter (docs/VLLM.md says why):
 * engine layout and numerics from `kdgen generate` (issue 13): tensor / pipeline parallel size,
   `quantization`, and any other `EngineArgs` field as `--engine-arg KEY=VALUE` (checked against
   EngineArgs before the engine starts). Data parallel is several engine processes (kdgen/scale.py).
-On CPU: `gpu_memory_utilization` is a fraction of RAM (0.3 works), `enforce_eager=True` cuts
+On CPU: `gpu_memory_utilization` is a fraction of the NUMA node's memory, out of which the
+weights come too (0.3 works; a small fraction fails, with one line naming the fix: raise it, or a
+fixed `--engine-arg kv_cache_memory_bytes=N`), `enforce_eager=True` cuts
 start-up from minutes to under one, and `VLLM_ENABLE_V1_MULTIPROCESSING=0` runs the engine
 in-process (reproducible; no `__main__` guard needed).
 """
@@ -24,6 +26,7 @@ import os
 import numpy as np
 
 from kdcore.backends import Output, Request, SamplingConfig
+from kdcore.errors import KdError
 
 
 def on_cpu() -> bool:
@@ -35,13 +38,29 @@ def on_cpu() -> bool:
         return True
 
 
+def _kv_cache_advice(error: str, explicit: bool) -> str | None:
+    """One line for vLLM CPU's "the KV cache does not fit" error (None for any other error).
+
+    vLLM on CPU sizes the KV cache as `gpu_memory_utilization` x the NUMA node's memory minus what
+    the process already holds (the weights included): a small fraction, or a node that reports less
+    than the machine's RAM, leaves nothing. Its message has the numbers; ours adds the fix."""
+    if "on kv cache allocation is less than requested memory" not in error:
+        return None
+    what = error.split(". ")[0]
+    if explicit:
+        return f"vLLM's KV cache does not fit ({what}); lower kv_cache_memory_bytes (or VLLM_CPU_KVCACHE_SPACE), or free memory"
+    return (
+        f"vLLM's KV cache does not fit ({what}); on CPU --gpu-memory-utilization is a fraction of the NUMA "
+        f"node's memory and the model's own memory comes out of it: raise it, or give the cache a fixed size "
+        f"with --engine-arg kv_cache_memory_bytes=2147483648 (2 GiB)"
+    )
+
+
 def _checked_engine_args(engine_args: dict) -> dict:
     """`--engine-arg` keys must be fields of vLLM's EngineArgs (a typo fails here, in one line)."""
     import dataclasses
 
     from vllm.engine.arg_utils import EngineArgs
-
-    from kdcore.errors import KdError
 
     known = {f.name for f in dataclasses.fields(EngineArgs)}
     unknown = sorted(set(engine_args) - known)
@@ -90,20 +109,26 @@ class VLLMBackend:
             extra.update(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
         if quantization is not None:
             extra["quantization"] = quantization
-        self.llm = LLM(
-            **extra,
-            model=model_path,
-            tokenizer=model_path,
-            dtype=dtype,
-            max_logprobs=max(k, 1),
-            logprobs_mode="raw_logprobs",
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization or (0.3 if cpu else 0.9),
-            enforce_eager=cpu if enforce_eager is None else enforce_eager,
-            seed=seed,
-            skip_tokenizer_init=False,
-            trust_remote_code=False,  # never run code shipped with a checkpoint (issue 7)
-        )
+        try:
+            self.llm = LLM(
+                **extra,
+                model=model_path,
+                tokenizer=model_path,
+                dtype=dtype,
+                max_logprobs=max(k, 1),
+                logprobs_mode="raw_logprobs",
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization or (0.3 if cpu else 0.9),
+                enforce_eager=cpu if enforce_eager is None else enforce_eager,
+                seed=seed,
+                skip_tokenizer_init=False,
+                trust_remote_code=False,  # never run code shipped with a checkpoint (issue 7)
+            )
+        except ValueError as e:
+            explicit = "kv_cache_memory_bytes" in extra or bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+            if (advice := _kv_cache_advice(str(e), explicit)) is None:
+                raise
+            raise KdError(advice) from None
         self.k = k
 
     def close(self) -> None:
