@@ -48,8 +48,9 @@
 Every student and its evaluation stay in --work; a rerun reuses those made by the same command, so
 arms can be added later and the table covers every arm evaluated there. Writes
 bench/results/quality.json (per seed, mean and sample standard deviation per arm) and
-bench/results/quality.png (one panel per metric, mean ± sd per arm, the seeds as dots). The
-figures are written as they come out; nothing here knows which arm should win.
+bench/results/quality.png (one panel per metric, mean ± sd per arm, the seeds as dots); a trial
+with other settings should pass `--name trial` (trial.json, trial.png) so the recorded benchmark
+stays. The figures are written as they come out; nothing here knows which arm should win.
 """
 
 from __future__ import annotations
@@ -341,15 +342,15 @@ def collect(work: Path) -> tuple[dict, dict]:
 
 
 def report(args, work: Path, train: str, heldout: str, seeds: list[int], t0: float) -> dict:
-    """quality.json + quality.png from every student evaluated in --work so far."""
+    """<--name>.json + <--name>.png (default quality) from every student evaluated in --work so far."""
     per_seed, runs = collect(work)
     summary = summarise(per_seed)
     log = work / "commands.json"
     commands = json.loads(log.read_text()) if log.exists() else []
     write_result(
-        "quality",
+        args.name,
         {
-            "name": "quality",
+            "name": args.name,
             "command": "bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "commands": commands,
             "machine": machine(),
@@ -369,7 +370,7 @@ def report(args, work: Path, train: str, heldout: str, seeds: list[int], t0: flo
             },
         },
     )
-    plot(summary, RESULTS / "quality.png")
+    plot(summary, RESULTS / f"{args.name}.png")
     return summary
 
 
@@ -394,11 +395,14 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="keep the students here (default: a temporary directory)")
     ap.add_argument("--keep-checkpoints", action="store_true",
                     help="keep every student's checkpoint in --work (default: deleted once evaluated; the full v3 run left ~50 GB)")
-    ap.add_argument("--render", action="store_true", help="only rewrite the plot and print the table from quality.json")
+    ap.add_argument("--name", default="quality",
+                    help="results name: bench/results/NAME.json and NAME.png (a trial with other settings: another name, so the "
+                    "recorded benchmark stays)")  # fmt: skip
+    ap.add_argument("--render", action="store_true", help="only rewrite the plot and print the table from NAME.json")
     args = ap.parse_args()
     if args.render:
-        summary = json.loads(results_path("quality").read_text())["figures"]["summary"]
-        plot(summary, RESULTS / "quality.png")
+        summary = json.loads(results_path(args.name).read_text())["figures"]["summary"]
+        plot(summary, RESULTS / f"{args.name}.png")
         print(table_md(summary))
         return
     arms = arms_of(args)
