@@ -19,7 +19,8 @@ Recipe (YAML; kdtrain/recipes/takd.yaml is the shipped one):
     prompts: data/train.jsonl          # prompt file, or a teacher dataset (its prompts)
     data: null                         # optional: link 0's dataset, already generated
     out: runs/takd
-    generate: {max_new_tokens: 128, k: 20}   # `kdgen generate` options, every link
+    generate: {max_new_tokens: 128, k: 20}   # `kdgen generate` options, every link (engine memory
+                                       # settings too: gpu_memory_utilization, engine_arg: [KEY=VALUE])
     links:
       - name: assistant
         train: {init_from_teacher: "0,2,4", loss: fkl}   # `kdtrain run` options (TrainConfig fields)
@@ -43,7 +44,10 @@ from kdtrain.config import find_recipe, load_config
 from kdtrain.stages import Stages, kdgen
 
 STATE = "chain"
-GENERATE_KEYS = ("backend", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "n", "seed", "k", "limit", "chat_template", "prompt_column")
+GENERATE_KEYS = ("backend", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "n", "seed", "k", "limit", "chat_template", "prompt_column",
+                 "gpu_memory_utilization", "engine_arg")  # fmt: skip
+# how the engine runs, not what a link computes: passed on, not pinned (a rerun may change them)
+ENGINE_KEYS = ("gpu_memory_utilization", "engine_arg")
 RECIPE_KEYS = ("description", "teacher", "prompts", "data", "out", "generate", "links")
 
 
@@ -64,9 +68,10 @@ class ChainConfig:
     source: str = ""  # the recipe file
 
     def options(self) -> dict:
-        """What the state file pins (everything but --out)."""
+        """What the state file pins (everything but --out and the engine's memory settings)."""
         return {
-            "teacher": self.teacher, "prompts": self.prompts, "data": self.data, "generate": self.generate,
+            "teacher": self.teacher, "prompts": self.prompts, "data": self.data,
+            "generate": {k: v for k, v in self.generate.items() if k not in ENGINE_KEYS},
             "links": [{"name": ln.name, "train": ln.train} for ln in self.links],
         }
 

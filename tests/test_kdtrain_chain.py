@@ -105,3 +105,19 @@ def test_bad_recipes_name_the_key(tmp_path):
         load_chain(str(bad))
     msg = str(e.value)
     assert "unknown key 'extra'" in msg and "links[0].train.out" in msg and "--loss nope" in msg
+
+
+def test_engine_memory_settings_are_passed_on_not_pinned(tmp_path):
+    """`generate: {engine_arg: [...], gpu_memory_utilization: ...}` reach every link's `kdgen
+    generate` (a rerun after a KV-cache error may add them) and leave the pinned options alone."""
+    from kdtrain.chain import load_chain
+
+    doc = {"teacher": "t", "prompts": "p", "generate": {"k": 8}, "links": [{"name": "a", "train": {"init_from_teacher": "0,1"}}]}
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(doc))
+    tuned = tmp_path / "tuned.yaml"
+    doc["generate"] = {"k": 8, "engine_arg": ["kv_cache_memory_bytes=268435456"], "gpu_memory_utilization": 0.5}
+    tuned.write_text(yaml.safe_dump(doc))
+    a, b = load_chain(str(plain)), load_chain(str(tuned))
+    assert b.generate["engine_arg"] == ["kv_cache_memory_bytes=268435456"] and b.generate["gpu_memory_utilization"] == 0.5
+    assert a.options() == b.options()
