@@ -26,6 +26,11 @@ def quiet() -> bool:
     return os.environ.get("KD_QUIET", "") not in ("", "0")
 
 
+def logged() -> bool:
+    """stderr goes to a file (nohup, a job log) and KD_QUIET is off: progress as plain lines."""
+    return not quiet() and not console.is_terminal
+
+
 @contextlib.contextmanager
 def status(message: str) -> Iterator[None]:
     """A spinner while something slow happens once (model conversion, engine start)."""
@@ -73,7 +78,7 @@ class RowProgress:
         self.done += rows
         self._progress.update(self._task, advance=rows, rate=f"{self.tokens / elapsed:,.0f} tok/s")
         now = time.perf_counter()
-        if not console.is_terminal and not quiet() and now - self._logged >= LOG_EVERY_S:
+        if logged() and now - self._logged >= LOG_EVERY_S:
             self._logged = now
             console.print(f"{self.description}: {self.done:,}/{self.total:,} rows, {self.tokens:,} tokens, "
                           f"{self.tokens / elapsed:,.0f} tok/s, {elapsed / 60:.1f} min")

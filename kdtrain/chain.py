@@ -41,13 +41,11 @@ import yaml
 from kdcore.errors import KdError, collect
 from kdcore.progress import console
 from kdtrain.config import find_recipe, load_config
-from kdtrain.stages import Stages, kdgen
+from kdtrain.stages import ENGINE_KEYS, Stages, kdgen
 
 STATE = "chain"
 GENERATE_KEYS = ("backend", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "n", "seed", "k", "limit", "chat_template", "prompt_column",
-                 "gpu_memory_utilization", "engine_arg")  # fmt: skip
-# how the engine runs, not what a link computes: passed on, not pinned (a rerun may change them)
-ENGINE_KEYS = ("gpu_memory_utilization", "engine_arg")
+                 *ENGINE_KEYS)  # fmt: skip
 RECIPE_KEYS = ("description", "teacher", "prompts", "data", "out", "generate", "links")
 
 

@@ -40,7 +40,7 @@ from kdcore.dataset import TeacherDataset
 from kdcore.progress import console
 from kdcore.divergences import SparseKD
 from kdtrain.config import LOSSES, load_config
-from kdtrain.stages import Stages, kdgen
+from kdtrain.stages import ENGINE_KEYS, Stages, kdgen
 
 STATE = "onpolicy"
 
@@ -83,7 +83,7 @@ class OnPolicyConfig:
 
     def options(self) -> dict:
         """What the state file pins: everything but where it goes and when to stop."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "datasets", "gpu_memory_utilization", "engine_arg", "stop_after")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out", "datasets", "stop_after", *ENGINE_KEYS)}
 
 
 def stage_names(cfg: OnPolicyConfig) -> list[str]:
@@ -143,8 +143,8 @@ def run(cfg: OnPolicyConfig) -> str:
 
     out = Path(cfg.out)
     stages = Stages(cfg.out, STATE, cfg.options(), cfg.stop_after)
-    gen = {"backend": cfg.backend, "dtype": cfg.dtype, "out": cfg.datasets or str(out / "datasets"), "gpu_memory_utilization": cfg.gpu_memory_utilization}
-    gen["engine_arg"] = cfg.engine_arg or None
+    gen = {"backend": cfg.backend, "dtype": cfg.dtype, "out": cfg.datasets or str(out / "datasets"), "gpu_memory_utilization": cfg.gpu_memory_utilization,
+           "engine_arg": cfg.engine_arg or None}  # fmt: skip
     student = cfg.student
     off_start = 0
     for r in range(cfg.rounds):

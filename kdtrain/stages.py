@@ -84,6 +84,11 @@ def _dataset_complete(url: str | None) -> bool:
         return False
 
 
+# kdgen options that say how the engine runs, not what a stage computes: passed on to every kdgen
+# stage, never pinned in the state file (a rerun after a KV-cache error may add them)
+ENGINE_KEYS = ("gpu_memory_utilization", "engine_arg")
+
+
 def flags(options: dict) -> list[str]:
     """{'max_new_tokens': 64, 'limit': None, 'engine_arg': ['a=1', 'b=2']} ->
     ['--max-new-tokens', '64', '--engine-arg', 'a=1', '--engine-arg', 'b=2'] (None dropped; a list

@@ -24,7 +24,7 @@ import torch
 
 from kdcore.errors import KdError, collect
 from kdcore.io import now_iso
-from kdcore.progress import console, quiet
+from kdcore.progress import console, logged, quiet
 from kdtrain import __version__
 from kdtrain.config import TrainConfig, validate
 from kdcore.crosstok import CrossTok, load_teacher_tokenizer
@@ -198,11 +198,6 @@ def last_checkpoint(out: str) -> str | None:
         and all(os.path.isfile(os.path.join(out, name, f)) for f in ("trainer_state.json", KD_CONFIG))
     ]
     return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
-
-
-def logged() -> bool:
-    """stderr goes to a file (nohup, a job log) and KD_QUIET is off: progress as plain lines."""
-    return not quiet() and not console.is_terminal
 
 
 def log_lines():
