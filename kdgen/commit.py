@@ -2,6 +2,7 @@
 manifest (last: the manifest is the commit), under the dataset lock.
 
     commit(job, num_shards, wall, gen_wall, gen_tokens)   # end of `kdgen generate` / `score`
+    tidy(fs, dir)                                         # a committed dataset: drop what killed runs left
     merge(url, sources)                                   # `kdgen merge`: a dataset written in slices
     finalize(fs, dir, core, cfg, ...)                     # the manifest itself (also used by bench)
 
@@ -33,6 +34,34 @@ def commit(job: Job, num_shards: int, wall: float, gen_wall: float, gen_tokens: 
         if committed_here:
             manifest = finalize(job.fs, job.dataset_dir, job.manifest_core, job.cfg, wall, gen_wall, gen_tokens, num_shards)
     console.print(f"[green]done:[/] {summary(manifest)} -> {job.url}" + ("" if committed_here else " (committed by another process)"))
+
+
+def tidy(fs, dataset_dir: str) -> None:
+    """Best effort, on a committed dataset: remove what a run killed during or right after its commit
+    left behind (its plan, its dataset lock, shard claims of dead processes, the lock directory), so
+    any later run over the dataset — a cache hit too — leaves it clean. Writes nothing when there
+    is nothing to tidy (a cache hit on a read-only store stays read-only); never waits for a live
+    process: its own exit tidies up."""
+    lock_dir, plan = kio.join(dataset_dir, locks.LOCK_DIR), kio.join(dataset_dir, PLAN)
+    try:
+        if not (fs.exists(lock_dir) or fs.exists(plan)):
+            return
+        lock = locks.FileLock(fs, locks.lock_path(dataset_dir, "dataset"))
+        if not lock.try_acquire():  # breaks a dataset lock whose holder is dead; a live one is mid-commit
+            return
+        try:
+            for p in fs.ls(lock_dir, detail=False) if fs.exists(lock_dir) else []:
+                claim = locks.FileLock(fs, p)
+                info = claim.holder()
+                if info and claim.stale_reason(info):
+                    claim.break_stale(info)
+            if fs.exists(plan):
+                fs.rm(plan)
+        finally:
+            lock.release()
+        locks.remove_lock_dir(fs, dataset_dir)
+    except (OSError, NotImplementedError):  # read-only or flaky store: the dataset is complete as it is
+        pass
 
 
 def finalize(
@@ -145,5 +174,5 @@ def merge(url: str, sources: list[str] = ()) -> dict:
     core, cfg = plan["core"], plan["config"]
     with dataset_lock(fs, path):
         manifest = kds.read_manifest(fs, path) or finalize(fs, path, core, cfg, 0.0, 0.0, 0, plan["num_shards"])
-    locks.remove_lock_dir(fs, path)
+    tidy(fs, path)
     return manifest

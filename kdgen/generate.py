@@ -40,7 +40,7 @@ from kdcore.errors import KdError
 from kdcore.progress import RowProgress, console, status
 from kdcore.prompts import Prompt
 from kdgen import locks
-from kdgen.commit import commit, finalize, merge, summary
+from kdgen.commit import commit, finalize, merge, summary, tidy
 from kdgen.config import GenerateConfig, validate
 from kdgen.locks import FileLock, lock_path
 from kdgen.plan import PLAN, WAIT_POLL_S, Job, blocks, check_output, claim_plan, every_shard_written, locate, prepare, shard_has_rows
@@ -59,14 +59,15 @@ def run(cfg: GenerateConfig, kind: str = "generate") -> str:
         validate(cfg, kind)
         return run_data_parallel(cfg, kind)
     url, job = _run(cfg, kind)
-    if job is not None and kds.read_manifest(job.fs, job.dataset_dir) is not None:
+    if kds.read_manifest(job.fs, job.dataset_dir) is not None:
         # every process that leaves a committed dataset tidies up once its own locks are gone, so the
-        # last one out removes the lock directory whichever path (commit, or "another process did") it took
-        locks.remove_lock_dir(job.fs, job.dataset_dir)
+        # last one out removes the lock directory whichever path (commit, "another process did", or a
+        # cache hit over a dataset whose committing run was killed right after its manifest) it took
+        tidy(job.fs, job.dataset_dir)
     return url
 
 
-def _run(cfg: GenerateConfig, kind: str) -> tuple[str, Job | None]:
+def _run(cfg: GenerateConfig, kind: str) -> tuple[str, Job]:
     t0 = time.perf_counter()
     with status(f"resolving teacher {cfg.teacher} and reading prompts"):
         job = locate(cfg, kind)
@@ -75,7 +76,7 @@ def _run(cfg: GenerateConfig, kind: str) -> tuple[str, Job | None]:
             job.load()
     if existing is not None:
         console.print(f"[green]cache hit:[/] {job.url} already holds this dataset ({summary(existing)})")
-        return job.url, None
+        return job.url, job
     check_output(job)
     plan = claim_plan(job)
     if plan is None:

@@ -144,7 +144,7 @@ class FileLock:
                 continue  # released meanwhile: try again
             if self.stale_reason(info) is None:
                 return False
-            self._break(info)
+            self.break_stale(info)
         return False
 
     def acquire(self, poll_s: float = 1.0, on_wait=None) -> None:
@@ -156,7 +156,7 @@ class FileLock:
             waited = True
             time.sleep(poll_s)
 
-    def _break(self, info: dict) -> None:
+    def break_stale(self, info: dict) -> None:
         # only remove the record we judged stale: if it changed meanwhile, its holder is alive
         if (self.holder() or {}).get("token") == info.get("token"):
             try:

@@ -155,3 +155,26 @@ def test_a_run_overtaken_by_another_process_leaves_no_locks(tmp_path, tiny_model
     assert "another process committed" in capsys.readouterr().err
     assert sorted(p.name for p in Path(url).iterdir()) == ["README.md", "data", "manifest.json"]
     assert rows_of(url) == rows_of(ref)
+
+
+def test_a_cache_hit_tidies_what_a_run_killed_after_its_commit_left(tmp_path, tiny_model_dir):
+    """A run SIGKILLed between writing its manifest and tidying up leaves its plan, its dataset lock and
+    the claims of dead processes in a complete dataset: the next run over it (a cache hit) removes
+    them, and keeps a live process's lock (CI once found `.kdgen-locks` left after the crash test)."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", CHAT_ROWS[:2])
+    cfg = small_config(prompts, str(tmp_path / "out"), tiny_model_dir)
+    url = gen.run(cfg)
+    ds, fs = Path(url), kio.open_fs(url)[0]
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer exists on this host
+    (ds / gen.PLAN).write_text("{}")
+    _plant(fs, locks.lock_path(url, "dataset"), pid=dead.pid)
+    _plant(fs, locks.lock_path(url, "train-00000-of-00002"), pid=dead.pid)
+    _plant(fs, locks.lock_path(url, "train-00001-of-00002"))  # this live process: not broken
+    assert gen.run(cfg) == url
+    assert sorted(p.name for p in (ds / locks.LOCK_DIR).iterdir()) == ["train-00001-of-00002.lock"]
+    assert not (ds / gen.PLAN).exists()
+    os.remove(locks.lock_path(url, "train-00001-of-00002"))  # its holder finished
+    assert gen.run(cfg) == url
+    assert sorted(p.name for p in ds.iterdir()) == ["README.md", "data", "manifest.json"]
+    assert_valid(url)

@@ -92,7 +92,7 @@ def test_generate_survives_20_sigkills(tmp_path, tiny_model_dir):
     assert got == expected  # and the very same rows
     assert cli("verify", str(ds)).returncode == 0
     leftovers = sorted(p.name for p in ds.rglob("*") if p.name.startswith((kio.TMP_PREFIX, ".kdgen")))
-    assert leftovers in ([], [".kdgen-plan.json"]), leftovers  # a kill right after the commit may leave the plan
+    assert leftovers == [], leftovers  # a kill right after a commit leaves plan and locks; the resumed run (a cache hit) tidies them
 
 
 def test_kdtrain_resumes_after_sigkills(tmp_path, tiny_model_dir):
