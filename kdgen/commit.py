@@ -38,10 +38,10 @@ def commit(job: Job, num_shards: int, wall: float, gen_wall: float, gen_tokens: 
 
 def tidy(fs, dataset_dir: str) -> None:
     """Best effort, on a committed dataset: remove what a run killed during or right after its commit
-    left behind (its plan, its dataset lock, shard claims of dead processes, the lock directory), so
-    any later run over the dataset — a cache hit too — leaves it clean. Writes nothing when there
-    is nothing to tidy (a cache hit on a read-only store stays read-only); never waits for a live
-    process: its own exit tidies up."""
+    left behind (its plan, its dataset lock, shard claims of dead processes, temp files of writes made
+    under the dataset lock, the lock directory), so any later run over the dataset — a cache hit
+    too — leaves it clean. Writes nothing when there is nothing to tidy (a cache hit on a read-only
+    store stays read-only); never waits for a live process: its own exit tidies up."""
     lock_dir, plan = kio.join(dataset_dir, locks.LOCK_DIR), kio.join(dataset_dir, PLAN)
     try:
         if not (fs.exists(lock_dir) or fs.exists(plan)):
@@ -57,11 +57,19 @@ def tidy(fs, dataset_dir: str) -> None:
                     claim.break_stale(info)
             if fs.exists(plan):
                 fs.rm(plan)
+            _remove_temp_files(fs, dataset_dir)  # written under the dataset lock, which is ours: a dead writer's
         finally:
             lock.release()
         locks.remove_lock_dir(fs, dataset_dir)
     except (OSError, NotImplementedError):  # read-only or flaky store: the dataset is complete as it is
         pass
+
+
+def _remove_temp_files(fs, directory: str) -> None:
+    """Remove the temp files (kio.TMP_PREFIX) interrupted atomic writes left in `directory`."""
+    for p in fs.ls(directory, detail=False):
+        if p.rstrip("/").rsplit("/", 1)[-1].startswith(kio.TMP_PREFIX):
+            fs.rm(p)
 
 
 def finalize(
@@ -112,9 +120,8 @@ def finalize(
     for p in fs.ls(kio.join(dataset_dir, locks.LOCK_DIR), detail=False) if fs.exists(kio.join(dataset_dir, locks.LOCK_DIR)) else []:
         if not p.rstrip("/").endswith("/dataset.lock"):
             fs.rm(p)  # shard claims left by killed runs: every shard is complete now
-    for p in fs.ls(kio.join(dataset_dir, kds.DATA_DIR), detail=False):
-        if p.rstrip("/").rsplit("/", 1)[-1].startswith(kio.TMP_PREFIX):
-            fs.rm(p)  # leftovers of interrupted writes
+    _remove_temp_files(fs, kio.join(dataset_dir, kds.DATA_DIR))  # shards' interrupted writes
+    _remove_temp_files(fs, dataset_dir)  # the plan's, card's or manifest's of a run killed while writing them
     kds.write_manifest(fs, dataset_dir, manifest)
     plan = kio.join(dataset_dir, PLAN)
     if fs.exists(plan):

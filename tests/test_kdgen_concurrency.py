@@ -168,6 +168,7 @@ def test_a_cache_hit_tidies_what_a_run_killed_after_its_commit_left(tmp_path, ti
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer exists on this host
     (ds / gen.PLAN).write_text("{}")
+    (ds / f"{kio.TMP_PREFIX}0123-README.md").write_text("half a card")  # killed while writing under the dataset lock
     _plant(fs, locks.lock_path(url, "dataset"), pid=dead.pid)
     _plant(fs, locks.lock_path(url, "train-00000-of-00002"), pid=dead.pid)
     _plant(fs, locks.lock_path(url, "train-00001-of-00002"))  # this live process: not broken
