@@ -51,10 +51,7 @@ def tidy(fs, dataset_dir: str) -> None:
             return
         try:
             for p in fs.ls(lock_dir, detail=False) if fs.exists(lock_dir) else []:
-                claim = locks.FileLock(fs, p)
-                info = claim.holder()
-                if info and claim.stale_reason(info):
-                    claim.break_stale(info)
+                locks.FileLock(fs, p).break_if_stale()  # claims of dead processes; ours and live ones stay
             if fs.exists(plan):
                 fs.rm(plan)
             _remove_temp_files(fs, dataset_dir)  # written under the dataset lock, which is ours: a dead writer's

@@ -139,12 +139,8 @@ class FileLock:
                 self.held, self.lost = True, False
                 _heartbeat.add(self)
                 return True
-            info = self.holder()
-            if info is None:
-                continue  # released meanwhile: try again
-            if self.stale_reason(info) is None:
-                return False
-            self.break_stale(info)
+            if not self.break_if_stale():
+                return False  # a live process holds it
         return False
 
     def acquire(self, poll_s: float = 1.0, on_wait=None) -> None:
@@ -156,13 +152,20 @@ class FileLock:
             waited = True
             time.sleep(poll_s)
 
-    def break_stale(self, info: dict) -> None:
+    def break_if_stale(self) -> bool:
+        """Remove the lock file if its holder is gone (`stale_reason`); False while a live process holds it."""
+        info = self.holder()
+        if info is None:
+            return True  # no lock (released meanwhile)
+        if self.stale_reason(info) is None:
+            return False
         # only remove the record we judged stale: if it changed meanwhile, its holder is alive
         if (self.holder() or {}).get("token") == info.get("token"):
             try:
                 self.fs.rm(self.path)
             except FileNotFoundError:
                 pass
+        return True
 
     def refresh(self) -> None:
         info = self.holder()
